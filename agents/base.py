@@ -1,0 +1,59 @@
+"""The agent lifecycle the supervisor runs: a loop over inbox batches, with health.
+
+An agent is restarted by the supervisor after a crash; whatever it held when it
+crashed is handed to ``recover`` on the next start, so no message is ever stranded
+(a stranded message would block every later acknowledgement).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from agents.bus import Bus, Inbox
+from daemon.metrics import Metrics
+
+
+class Agent(ABC):
+    """Base for agents: consume batches from one inbox, publish results on the bus."""
+
+    name = "agent"
+    batch_limit = 512
+
+    def __init__(self, bus: Bus, metrics: Metrics, inbox: Inbox[Any]) -> None:
+        self.bus = bus
+        self.metrics = metrics
+        self.inbox = inbox
+        self.last_progress = time.monotonic()
+        self._in_hand: list[Any] = []
+
+    async def run(self) -> None:
+        """Process batches until cancelled; an exception means a crash (the supervisor restarts)."""
+        if self._in_hand:
+            held, self._in_hand = self._in_hand, []
+            await self.recover(held)
+        while True:
+            batch = await self.inbox.get_batch(self.batch_limit)
+            self._in_hand = batch
+            await self.handle(batch)
+            self._in_hand = []
+            self.last_progress = time.monotonic()
+
+    @abstractmethod
+    async def handle(self, batch: list[Any]) -> None:
+        """Process one batch of events taken from the inbox."""
+
+    async def recover(self, held: list[Any]) -> None:
+        """Settle events held at a crash: by default, handle them again."""
+        await self.handle(held)
+
+    def has_work(self) -> bool:
+        return bool(self._in_hand) or not self.inbox.empty()
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """True when there is work and nothing has moved for ``timeout`` seconds."""
+        return self.has_work() and now - self.last_progress > timeout
+
+    async def close(self) -> None:
+        """Release resources at shutdown (after the pipeline drained)."""

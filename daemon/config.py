@@ -1,0 +1,343 @@
+"""The one typed configuration: TOML file overridden by ``INGESTD_<SECTION>__<KEY>`` env vars.
+
+Resolved once at start (``load_config``); anything invalid raises ``ConfigError`` with a
+message meant for the operator. Unknown keys are errors at every level, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge.topics import TopicTemplate
+
+DEFAULT_CONFIG_FILE = Path("/etc/ingestd/ingestd.toml")
+MASK = "**********"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why, for the operator."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_secret(path: Path) -> str:
+    """Read a secret file; relative paths resolve in systemd's ``$CREDENTIALS_DIRECTORY``."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and creds:
+        path = Path(creds) / path
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+
+class TlsConfig(Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(default=False, description="skip hostname checks (testing only)")
+
+
+class MqttConfig(Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = Field(default_factory=lambda: f"ingestd-{socket.gethostname()}")
+    # v3.1.1 with clean_session=False gives the same persistent session as v5 on mosquitto,
+    # and paho's v5 receive path builds a properties object per message (measured: the
+    # largest single per-message cost), so 3.1.1 is the default.
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    shared_group: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsConfig = TlsConfig()
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600)
+    # The unacknowledged in-flight window the daemon enforces itself (and advertises as
+    # Receive Maximum on v5). Size mosquitto's max_inflight_messages to match.
+    max_inflight: int = Field(default=1000, ge=1, le=65535)
+    session_expiry_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+    subscribe_qos: Literal[0, 1] = 1
+    # SUBACK queues behind a persistent session's backlog, so this must be generous.
+    subscribe_timeout_seconds: float = Field(default=300.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    reconnect_min_seconds: float = Field(default=0.5, gt=0)
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"mqtt", "mqtts"} or not parts.hostname:
+            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from exc
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _check_group(cls, value: str | None) -> str | None:
+        if value is not None and (not value or re.search(r"[/+#]", value)):
+            raise ValueError("must be a non-empty name without '/', '+' or '#'")
+        return value or None
+
+    @model_validator(mode="after")
+    def _resolve_password(self) -> MqttConfig:
+        if self.password_file is not None:
+            if self.password is not None:
+                raise ValueError("set password or password_file, not both")
+            object.__setattr__(self, "password", SecretStr(_read_secret(self.password_file)))
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def use_tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+Format = Literal["json", "value"]
+
+
+class SourceConfig(Section):
+    """One inbound subscription: an MQTT filter, its payload format and its topic template."""
+
+    topic: str = "sensors/+/+"
+    format: Format = "json"
+    template: str = "sensors/{device_id}/{sensor_id}"
+
+    @model_validator(mode="after")
+    def _check_template(self) -> SourceConfig:
+        TopicTemplate.parse(self.template, self.topic)  # raises ValueError with the reason
+        return self
+
+
+class IngestConfig(Section):
+    max_payload_bytes: int = Field(default=64 * 1024, ge=16, le=256 * 1024 * 1024)
+    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    # Device registry used for enrichment (TOML or CSV); rows in the `devices` table add to it.
+    registry_file: Path | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, value: tuple[SourceConfig, ...]) -> tuple[SourceConfig, ...]:
+        if not value:
+            raise ValueError("at least one source is needed")
+        return value
+
+
+class DatabaseConfig(Section):
+    url: str | None = Field(default=None, description="postgresql://... or sqlite:///path")
+    password_file: Path | None = None
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # Flush when the batch is full or the inbox runs empty; this is only the longest a
+    # reading waits while messages keep trickling in.
+    flush_interval_seconds: float = Field(default=0.05, gt=0, le=10)
+    command_timeout_seconds: float = Field(default=15.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in {"postgresql", "postgres", "sqlite"}:
+            raise ValueError("must start with postgresql:// or sqlite:///")
+        if scheme == "sqlite" and not value.startswith("sqlite:///"):
+            raise ValueError("a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_password(self) -> DatabaseConfig:
+        if self.password_file is not None:
+            if self.url is None or not self.url.startswith("postgres"):
+                raise ValueError("password_file needs a postgresql:// url")
+            parts = urlsplit(self.url)
+            user = parts.username or ""
+            host = parts.hostname or ""
+            netloc = f"{quote(user, safe='')}:{quote(_read_secret(self.password_file), safe='')}"
+            netloc += f"@{host}" + (f":{parts.port}" if parts.port else "")
+            object.__setattr__(self, "url", urlunsplit(parts._replace(netloc=netloc)))
+        return self
+
+
+class PublishConfig(Section):
+    prefix: str = "ingestd"
+    processed: bool = True
+    processed_qos: Literal[0, 1] = 0
+    failed_qos: Literal[0, 1] = 1
+    # Outbound events wait here while the broker is away; beyond it they are counted as dropped
+    # (the stored row or rejection remains the record).
+    max_queued: int = Field(default=10_000, ge=1)
+
+
+class MetricsConfig(Section):
+    listen: str = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9108 (port 0 picks a free one)")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class LogConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class DaemonConfig(Section):
+    state_dir: Path | None = None
+    # Must stay below systemd's TimeoutStopSec.
+    shutdown_timeout_seconds: float = Field(default=8.0, gt=0, le=600)
+    inbox_size: int = Field(default=4096, ge=16)
+    # An agent with work that has not progressed for this long fails the watchdog.
+    stall_timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class Config(BaseSettings):
+    """Everything ingestd can be told, with defaults that need no configuring."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INGESTD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    mqtt: MqttConfig = MqttConfig()
+    ingest: IngestConfig = IngestConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    publish: PublishConfig = PublishConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    daemon: DaemonConfig = DaemonConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def state_dir(self) -> Path:
+        if self.daemon.state_dir is not None:
+            return self.daemon.state_dir
+        systemd_state = os.environ.get("STATE_DIRECTORY")
+        if systemd_state:
+            return Path(systemd_state.split(":")[0])
+        return Path("var")
+
+    @property
+    def database_url(self) -> str:
+        """The configured database, or the embedded SQLite file in the state directory."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.state_dir / 'ingestd.db').absolute()}"
+
+    @property
+    def subscriptions(self) -> list[str]:
+        prefix = f"$share/{self.mqtt.shared_group}/" if self.mqtt.shared_group else ""
+        return [prefix + source.topic for source in self.ingest.sources]
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:  # noqa: ANN401
+    """Resolve the configuration once: defaults < TOML file < environment < overrides."""
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    settings_cls: type[Config] = Config
+    if path is not None:
+        settings_cls = type(
+            "FileConfig", (Config,), {"model_config": {**Config.model_config, "toml_file": path}}
+        )
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+    except (ValueError, OSError) as exc:  # malformed TOML surfaces as ValueError
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    where = f"in {path} or INGESTD_* environment" if path else "in INGESTD_* environment"
+    lines = [f"invalid configuration ({where}):"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, every secret replaced by a mask."""
+    data = config.model_dump(mode="json")
+    for section in data.values():
+        if isinstance(section, dict) and section.get("password"):
+            section["password"] = MASK
+    data["database"]["url"] = mask_url(config.database_url)
+    data["daemon"]["state_dir"] = str(config.state_dir)
+    return data
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,149 @@
+"""``ingestd demo``: a private mosquitto, the edge simulator and the daemon on the embedded defaults.
+
+A first look for a new user: everything runs on this machine for about twenty seconds
+with a live one-line summary, then a final summary, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from daemon.config import load_config
+
+MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of simulated traffic")
+    parser.add_argument("--rate", type=float, default=500.0, help="messages per second")
+    parser.add_argument("--devices", type=int, default=10)
+    parser.add_argument("--bad-ratio", type=float, default=0.02, help="share of malformed messages")
+    parser.add_argument("--mosquitto", help="path of the mosquitto binary (default: found on PATH)")
+
+
+def run(args: argparse.Namespace) -> int:
+    binary = args.mosquitto or next(filter(None, map(shutil.which, MOSQUITTO_CANDIDATES)), None)
+    if binary is None:
+        print("ingestd demo: no mosquitto binary found; install it (apt-get install mosquitto) "
+              "or pass --mosquitto PATH", file=sys.stderr)  # fmt: skip
+        return 1
+    with tempfile.TemporaryDirectory(prefix="ingestd-demo-") as workdir, _broker(binary, Path(workdir)) as port:
+        return _demo(args, port)
+
+
+def _free_port(preferred: int = 0) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _broker(binary: str, workdir: Path) -> Iterator[int]:
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        # ack-after-commit needs more than mosquitto's default of 20 unacknowledged messages
+        "max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest none\n"
+    )
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                error = process.stderr.read().decode() if process.stderr else ""
+                raise SystemExit(f"ingestd demo: mosquitto did not start: {error.strip()}")
+            time.sleep(0.05)  # polling a port with a deadline
+        print(f"demo: mosquitto {binary} listening on 127.0.0.1:{port}")
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _demo(args: argparse.Namespace, port: int) -> int:
+    from daemon.cli import run_async  # noqa: PLC0415
+    from daemon.logs import setup_logging  # noqa: PLC0415
+    from daemon.supervisor import Supervisor, prepare_schema  # noqa: PLC0415
+    from edge.simulator import SimulatorOptions, simulate  # noqa: PLC0415
+
+    os.environ.setdefault("INGESTD_LOG__LEVEL", "WARNING")
+    config = load_config(
+        None,
+        mqtt={"url": f"mqtt://127.0.0.1:{port}", "client_id": f"ingestd-demo-{os.getpid()}"},
+        metrics={"listen": f"127.0.0.1:{_free_port(9108)}"},
+    )
+    setup_logging(config.log.level, config.log.format)
+    problem = prepare_schema(config)
+    if problem:
+        print(f"ingestd demo: {problem}", file=sys.stderr)
+        return 1
+    print(f"demo: storing in {config.database_url}; metrics at http://{config.metrics.listen}/metrics")
+    outcome: dict[str, int] = {}
+
+    async def main() -> None:
+        supervisor = Supervisor(config)
+        daemon = asyncio.create_task(supervisor.run(install_signal_handlers=False), name="daemon")
+        await supervisor.source.connected.wait()
+        options = SimulatorOptions(
+            url=f"mqtt://127.0.0.1:{port}", devices=args.devices, rate=args.rate,
+            duration=args.duration, bad_ratio=args.bad_ratio, seed=42,
+        )  # fmt: skip
+        simulator = asyncio.create_task(simulate(options), name="simulator")
+        started = time.monotonic()
+        while not simulator.done():
+            await asyncio.wait({simulator}, timeout=1.0)
+            _summary(supervisor, time.monotonic() - started, end="\r")
+        report = simulator.result()
+        metrics = supervisor.metrics
+        deadline = time.monotonic() + 15
+        while metrics.received < report.published and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # polling the drain with a deadline
+        while supervisor.source.tracker.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        supervisor.request_stop()
+        await daemon
+        print()
+        _summary(supervisor, time.monotonic() - started, end="\n")
+        outcome.update(published=report.published, received=metrics.received)
+        rejected = _rejected(supervisor)
+        print(f"demo: simulator published {report.published} ({report.bad} malformed on purpose); "
+              f"ingestd stored {metrics.stored} readings and {rejected} rejections with reasons")  # fmt: skip
+
+    run_async(main)
+    return 0 if outcome.get("received") == outcome.get("published") else 1
+
+
+def _rejected(supervisor: object) -> int:
+    counter = supervisor.metrics.rejected  # type: ignore[attr-defined]
+    return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
+                   if sample.name.endswith("_total")))  # fmt: skip
+
+
+def _summary(supervisor: object, elapsed: float, end: str) -> None:
+    metrics = supervisor.metrics  # type: ignore[attr-defined]
+    rate = metrics.received / elapsed if elapsed > 0 else 0.0
+    print(
+        f"received {metrics.received:>7}  stored {metrics.stored:>7}  "
+        f"rejected {_rejected(supervisor):>5}  in flight {metrics.inflight():>4.0f}  {rate:8.0f} msg/s",
+        end=end, flush=True,
+    )  # fmt: skip

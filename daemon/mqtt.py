@@ -1,0 +1,205 @@
+"""MqttSource: the persistent MQTT session that feeds the bus and releases acknowledgements.
+
+One stable client id, never a clean start, so the broker keeps everything unacknowledged
+while ingestd is away. Every message is numbered on receipt (AckTracker), handed to the
+bus without a queue hop, and acknowledged only once its outcome is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from datetime import UTC, datetime
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from agents.bus import Inbox
+from agents.events import RawMessage
+from daemon.acks import AckTracker
+from daemon.config import Config
+from daemon.metrics import Metrics
+from daemon.paho_bridge import PahoBridge
+
+log = logging.getLogger("ingestd.mqtt")
+
+ONLINE, OFFLINE = b"online", b"offline"
+
+
+class MqttSource:
+    """Connects, subscribes, delivers messages to the validation inbox and sends PUBACKs."""
+
+    def __init__(self, config: Config, inbox: Inbox[RawMessage], metrics: Metrics) -> None:
+        self._config = config
+        self._mqtt = config.mqtt
+        self._inbox = inbox
+        self._metrics = metrics
+        self._status_topic = f"{config.publish.prefix}/status"
+        self._correlation_prefix = os.urandom(4).hex() + "-"
+        self._stopping = False
+        self._client = self._build_client()
+        self.bridge = PahoBridge(self._client, self._on_message)
+        self.tracker = AckTracker(
+            self._mqtt.max_inflight, self.bridge.ack, metrics, on_room=self._on_room
+        )
+        self.connected = asyncio.Event()
+
+    def _build_client(self) -> aiomqtt.Client:
+        mqtt = self._mqtt
+        v5 = mqtt.protocol == "5"
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = mqtt.session_expiry_seconds
+            properties.ReceiveMaximum = min(mqtt.max_inflight, 65535)
+        return aiomqtt.Client(
+            mqtt.host,
+            mqtt.port,
+            identifier=mqtt.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            # A persistent session on every connect: never clean (aiomqtt's v5 default
+            # cleans on the first connect, which would throw away a backlog).
+            clean_session=None if v5 else False,
+            # paho rejects any clean_start but its default on v3.1.1, where clean_session rules.
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+            username=mqtt.username,
+            password=mqtt.password.get_secret_value() if mqtt.password else None,
+            tls_context=self._tls_context(),
+            keepalive=mqtt.keepalive_seconds,
+            timeout=mqtt.connect_timeout_seconds,
+            will=aiomqtt.Will(self._status_topic, OFFLINE, qos=1, retain=True),
+            max_queued_outgoing_messages=self._config.publish.max_queued,
+            max_inflight_messages=100,
+            logger=logging.getLogger("ingestd.paho"),
+        )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self._mqtt.use_tls:
+            return None
+        tls = self._mqtt.tls
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        if tls.insecure:
+            context.check_hostname = False
+        return context
+
+    # -- hot path --------------------------------------------------------------------------
+
+    def _on_message(self, message: paho.MQTTMessage) -> None:
+        """Called by paho on the loop thread for every PUBLISH received."""
+        self._metrics.received += 1
+        seq = self.tracker.track(message.mid, message.qos)
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = message._topic.decode("utf-8", "replace")  # noqa: SLF001
+        # Never blocks: the inbox holds more than the in-flight window, and reads pause
+        # below when the window is full. Should it ever be full anyway, QueueFull ends the
+        # connection unacknowledged and the broker redelivers: nothing is lost.
+        self._inbox.put_nowait(
+            RawMessage(
+                seq,
+                topic,
+                message.payload,
+                message.qos,
+                datetime.now(UTC),
+                time.monotonic(),
+                f"{self._correlation_prefix}{seq:x}",
+                bool(message.dup),
+            )
+        )
+        if self.tracker.full:
+            self.bridge.pause_reads()
+            self._metrics.intake_paused.set(1)
+            self._metrics.intake_pauses.inc()
+
+    def _on_room(self) -> None:
+        if not self._stopping:
+            self.bridge.resume_reads()
+            self._metrics.intake_paused.set(0)
+
+    # -- connection lifecycle --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until ``close``: reconnect with capped, jittered backoff."""
+        while not self._stopping:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type((aiomqtt.MqttError, OSError)),
+                wait=wait_random_exponential(
+                    multiplier=self._mqtt.reconnect_min_seconds, max=self._mqtt.reconnect_max_seconds
+                ),
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._connect()
+            try:
+                await self._serve()
+            except (aiomqtt.MqttError, OSError) as exc:
+                self._lost(exc)
+            if not self._stopping:
+                # Releases aiomqtt's connection lock so the client can connect again.
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await self._client.__aexit__(None, None, None)
+
+    async def _connect(self) -> None:
+        # A new epoch before connecting: acks settled from here on for earlier messages
+        # are discarded, never sent on the new connection.
+        self.tracker.new_epoch()
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            self._metrics.mqtt_disconnects.labels("connect_failed").inc()
+            raise aiomqtt.MqttError(f"cannot connect to {self._mqtt.url}: {exc}") from exc
+        self.bridge.take_over_reads()
+        self._metrics.mqtt_connected.set(1)
+        self._metrics.mqtt_connects.inc()
+        self.connected.set()
+        log.info("connected", extra={"broker": self._mqtt.url, "client_id": self._mqtt.client_id})
+
+    async def _serve(self) -> None:
+        self.bridge.publish_nowait(self._status_topic, ONLINE, 1, retain=True)
+        subscriptions = [(topic, self._mqtt.subscribe_qos) for topic in self._config.subscriptions]
+        # The SUBACK queues behind a persistent session's backlog: hence the long timeout.
+        await self._client.subscribe(subscriptions, timeout=self._mqtt.subscribe_timeout_seconds)
+        log.info("subscribed", extra={"topics": [topic for topic, _ in subscriptions]})
+        await self.bridge.wait_disconnected()
+
+    def _lost(self, exc: BaseException) -> None:
+        self.connected.clear()
+        self._metrics.mqtt_connected.set(0)
+        self._metrics.mqtt_disconnects.labels("lost").inc()
+        log.warning("connection lost", extra={"error": str(exc)})
+
+    def _log_retry(self, state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        error = outcome.exception() if outcome is not None else None
+        sleep = getattr(getattr(state, "next_action", None), "sleep", 0.0)
+        log.warning("broker unreachable, retrying", extra={"error": str(error), "in_seconds": round(sleep, 2)})
+
+    def stop_intake(self) -> None:
+        """Deliver nothing more: the first phase of shutdown."""
+        self._stopping = True
+        self.bridge.pause_reads()
+
+    async def close(self) -> None:
+        """Say offline and disconnect cleanly; the persistent session stays on the broker."""
+        self._stopping = True
+        if self.bridge.connected():
+            self.bridge.publish_nowait(self._status_topic, OFFLINE, 1, retain=True)
+            try:
+                await self._client.__aexit__(None, None, None)
+            except aiomqtt.MqttError as exc:
+                log.warning("unclean disconnect", extra={"error": str(exc)})
+        self._metrics.mqtt_connected.set(0)
+        self.connected.clear()

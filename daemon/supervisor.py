@@ -1,0 +1,271 @@
+"""The supervisor: builds the agents, owns every task, restarts crashed agents, shuts down in phases.
+
+Shutdown order: stop intake (no new messages), let the pipeline drain so every
+message received gets its outcome committed and its PUBACK sent, disconnect cleanly
+(the persistent session stays on the broker), then close the database. Whatever is
+not done within the timeout stays unacknowledged and is redelivered on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from agents.base import Agent
+from agents.bus import Bus
+from agents.enrichment import EnrichmentAgent
+from agents.events import (
+    EnrichedMessage,
+    RawMessage,
+    ReadingsStored,
+    RejectedMessage,
+    RejectionsStored,
+    ValidatedMessage,
+)
+from agents.persistence import PersistenceAgent
+from agents.publisher import Publisher
+from agents.registry import DeviceRegistry, load_registry_file
+from agents.validation import ValidationAgent
+from daemon import __version__
+from daemon.config import Config
+from daemon.http import HealthServer
+from daemon.metrics import Metrics
+from daemon.mqtt import MqttSource
+from daemon.sdnotify import Notifier, watchdog_interval
+from db.postgres import PostgresWriter
+from db.sqlite import SqliteWriter
+from db.writer import StorageError, Writer
+
+log = logging.getLogger("ingestd")
+
+RESTART_BUDGET = 5  # crashes of one agent tolerated ...
+RESTART_WINDOW = 60.0  # ... within this many seconds, before the daemon gives up (exit 1)
+
+
+class FatalError(Exception):
+    """The daemon cannot go on; systemd's Restart=on-failure takes over."""
+
+
+def build_writer(config: Config) -> Writer:
+    url = config.database_url
+    limit = config.ingest.max_payload_bytes
+    if url.startswith("sqlite:///"):
+        return SqliteWriter(Path(url.removeprefix("sqlite:///")), max_payload_bytes=limit)
+    return PostgresWriter(
+        url,
+        max_payload_bytes=limit,
+        command_timeout=config.database.command_timeout_seconds,
+        connect_timeout=config.database.connect_timeout_seconds,
+    )
+
+
+class Supervisor:
+    """Owns the whole daemon: ``await Supervisor(config).run()`` until stopped."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.metrics.info.info({"version": __version__})
+        self.bus = Bus(self.metrics)
+        window = config.mqtt.max_inflight
+        size = config.daemon.inbox_size
+        # Room for the whole in-flight window plus what paho may deliver in one read.
+        raw_inbox = self.bus.inbox("validation", window + 1024, RawMessage)
+        enrich_inbox = self.bus.inbox("enrichment", size, ValidatedMessage)
+        store_inbox = self.bus.inbox("persistence", size, EnrichedMessage, RejectedMessage)
+        publish_inbox = self.bus.inbox("publisher", size, ReadingsStored, RejectionsStored)
+
+        self.source = MqttSource(config, raw_inbox, self.metrics)
+        self.writer = build_writer(config)
+        self.registry = DeviceRegistry()
+        self.persistence = PersistenceAgent(
+            self.bus, self.metrics, store_inbox, self.writer, self.source.tracker.settle,
+            config.database.batch_size,
+        )
+        self.agents: list[Agent] = [
+            ValidationAgent(
+                self.bus, self.metrics, raw_inbox, config.ingest.sources,
+                config.ingest.max_payload_bytes,
+            ),
+            EnrichmentAgent(self.bus, self.metrics, enrich_inbox, self.registry),
+            self.persistence,
+            Publisher(
+                self.bus, self.metrics, publish_inbox, self.source.bridge.publish_nowait,
+                prefix=config.publish.prefix, processed=config.publish.processed,
+                processed_qos=config.publish.processed_qos, failed_qos=config.publish.failed_qos,
+                max_payload_bytes=config.ingest.max_payload_bytes,
+            ),
+        ]  # fmt: skip
+        self.http = HealthServer(
+            config.metrics.host, config.metrics.port, self.metrics.registry, self.not_ready_reason
+        )
+        self.notifier = Notifier()
+        self.stop_requested = asyncio.Event()
+        self.started = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._watchdog_task: asyncio.Task[None] | None = None
+
+    # -- health ----------------------------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        """None when ready: broker connected and readings can be made durable."""
+        if self.stop_requested.is_set():
+            return "shutting down"
+        if not self.source.connected.is_set():
+            return "broker not connected"
+        if not self.persistence.database_up:
+            return "database unavailable"
+        return None
+
+    def live(self) -> bool:
+        """Every task alive and every agent with work making progress."""
+        now = time.monotonic()
+        timeout = self.config.daemon.stall_timeout_seconds
+        if any(task.done() for task in self._tasks.values()):
+            return False
+        return not any(agent.stalled(now, timeout) for agent in self.agents)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self.stop_requested.is_set():
+            log.warning("second stop signal: exiting now")
+            raise SystemExit(1)
+        log.info("stop requested")
+        self.stop_requested.set()
+
+    async def run(self, install_signal_handlers: bool = True) -> None:
+        """Run until a stop is requested (SIGTERM/SIGINT or ``request_stop``)."""
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._start()
+            async with asyncio.TaskGroup() as group:
+                self._tasks["mqtt"] = group.create_task(self.source.run(), name="mqtt")
+                for agent in self.agents:
+                    self._tasks[agent.name] = group.create_task(self._supervise(agent), name=agent.name)
+                self._watchdog_task = group.create_task(self._watchdog(), name="watchdog")
+                self.notifier.ready(f"consuming {', '.join(self.config.subscriptions)}")
+                self.started.set()
+                log.info("started", extra={"version": __version__, "metrics": self.config.metrics.listen})
+                await self.stop_requested.wait()
+                await self._shutdown()
+        finally:
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self._close()
+
+    async def _start(self) -> None:
+        await self.http.start()
+        try:
+            await self.writer.start()
+            self.persistence.database_up = True
+            self.metrics.database_up.set(1)
+        except StorageError as exc:
+            log.error("database unreachable at start; writes will retry", extra={"error": str(exc)})
+        await self._load_registry()
+
+    async def _load_registry(self) -> None:
+        rows: list[dict[str, Any]] = []
+        if self.config.ingest.registry_file is not None:
+            rows += load_registry_file(self.config.ingest.registry_file)
+        if self.persistence.database_up:
+            try:
+                rows += await self.writer.load_devices()  # type: ignore[attr-defined]
+            except StorageError as exc:
+                log.warning("devices table not read", extra={"error": str(exc)})
+        self.registry.add(rows)
+        self.metrics.registry_devices.set(len(self.registry))
+
+    async def _supervise(self, agent: Agent) -> None:
+        crashes: deque[float] = deque()
+        alive = self.metrics.agent_alive.labels(agent.name)
+        while True:
+            alive.set(1)
+            try:
+                await agent.run()
+            except Exception as exc:  # noqa: BLE001 - the supervisor edge: log, restart, or give up
+                alive.set(0)
+                now = time.monotonic()
+                crashes.append(now)
+                while crashes and now - crashes[0] > RESTART_WINDOW:
+                    crashes.popleft()
+                log.exception("agent crashed", extra={"agent": agent.name})
+                if len(crashes) > RESTART_BUDGET:
+                    raise FatalError(f"agent {agent.name} crashed {len(crashes)} times in a minute") from exc
+                self.metrics.agent_restarts.labels(agent.name).inc()
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            if self.live():
+                self.notifier.watchdog()
+            else:
+                log.error("not live: withholding the watchdog ping")
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.source.stop_intake()
+        timeout = self.config.daemon.shutdown_timeout_seconds
+        pending = self.source.tracker.pending
+        log.info("draining", extra={"in_flight": pending, "timeout_seconds": timeout})
+        try:
+            async with asyncio.timeout(max(0.5, timeout - 1.0)):
+                await self.source.tracker.wait_drained()
+        except TimeoutError:
+            log.warning(
+                "drain timed out; unacknowledged messages will be redelivered",
+                extra={"in_flight": self.source.tracker.pending},
+            )
+        try:
+            async with asyncio.timeout(1.0):
+                await self.source.close()
+        except TimeoutError:
+            log.warning("broker did not confirm the disconnect")
+        for task in [*self._tasks.values(), self._watchdog_task]:
+            if task is not None:
+                task.cancel()
+
+    async def _close(self) -> None:
+        try:
+            await self.writer.close()
+        finally:
+            await self.http.close()
+            self.notifier.close()
+            log.info("stopped", extra={"acks_sent": self.metrics.acks_sent, "stored": self.metrics.stored})
+
+
+def prepare_schema(config: Config) -> str | None:
+    """Migrate the embedded SQLite file; check a PostgreSQL schema. Returns a problem or None."""
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    from db.schema import SchemaError, ensure_current, upgrade  # noqa: PLC0415
+
+    url = config.database_url
+    if url.startswith("sqlite:///"):
+        try:
+            upgrade(url)
+        except (SQLAlchemyError, OSError) as exc:
+            return f"cannot prepare the SQLite database {url}: {exc}"
+        return None
+    try:
+        asyncio.run(ensure_current(url))
+    except SchemaError as exc:
+        return str(exc)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        # An edge host may boot before its uplink: start anyway, writes retry until it answers.
+        log.error("database unreachable at start; schema not verified", extra={"error": str(exc)})
+    return None

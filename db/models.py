@@ -1,0 +1,126 @@
+"""SQLAlchemy models: the schema both PostgreSQL/TimescaleDB and SQLite get from Alembic."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite has no 64-bit autoincrement for BIGINT primary keys; INTEGER is its rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class SensorReading(Base):
+    """One stored measurement; the key (device_id, sensor_id, ts) makes redeliveries harmless."""
+
+    __tablename__ = "sensor_readings"
+
+    # The primary key doubles as the unique key and includes the time column, which
+    # TimescaleDB requires of every unique index on a hypertable.
+    device_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    sensor_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    value: Mapped[float] = mapped_column(Float(precision=53))
+    unit: Mapped[str | None] = mapped_column(Text)
+    quality: Mapped[str | None] = mapped_column(Text)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    site: Mapped[str | None] = mapped_column(Text)
+    area: Mapped[str | None] = mapped_column(Text)
+    line: Mapped[str | None] = mapped_column(Text)
+    asset: Mapped[str | None] = mapped_column(Text)
+    sensor_type: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    correlation_id: Mapped[str] = mapped_column(Text)
+
+
+class RejectedMessage(Base):
+    """A dead letter: the message as received, with a stable reason code and a readable error."""
+
+    __tablename__ = "rejected_messages"
+    __table_args__ = (Index(None, "topic", "payload_sha256"), Index(None, "received_at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    topic: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # Lets a redelivered (DUP) rejection be recognised instead of stored twice.
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    payload_size: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+    device_id: Mapped[str | None] = mapped_column(Text)
+    correlation_id: Mapped[str] = mapped_column(Text)
+
+
+class Device(Base):
+    """Registry rows for enrichment; ``sensor_id = '*'`` holds a device's defaults."""
+
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    sensor_id: Mapped[str] = mapped_column(Text, primary_key=True, default="*")
+    site: Mapped[str | None] = mapped_column(Text)
+    area: Mapped[str | None] = mapped_column(Text)
+    line: Mapped[str | None] = mapped_column(Text)
+    asset: Mapped[str | None] = mapped_column(Text)
+    sensor_type: Mapped[str | None] = mapped_column(Text)
+    unit: Mapped[str | None] = mapped_column(Text)
+    min_value: Mapped[float | None] = mapped_column(Float(precision=53))
+    max_value: Mapped[float | None] = mapped_column(Float(precision=53))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AnomalyAlert(Base):
+    """An anomaly the detector raised on the stream (filled by the anomaly agent)."""
+
+    __tablename__ = "anomaly_alerts"
+    __table_args__ = (Index(None, "device_id", "sensor_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    device_id: Mapped[str] = mapped_column(Text)
+    sensor_id: Mapped[str] = mapped_column(Text)
+    value: Mapped[float] = mapped_column(Float(precision=53))
+    kind: Mapped[str] = mapped_column(Text)
+    score: Mapped[float | None] = mapped_column(Float(precision=53))
+    detail: Mapped[str | None] = mapped_column(Text)
+    correlation_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class MaintenanceTask(Base):
+    """Work raised for a maintenance team from alerts."""
+
+    __tablename__ = "maintenance_tasks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(Text)
+    sensor_id: Mapped[str | None] = mapped_column(Text)
+    alert_id: Mapped[int | None] = mapped_column(BigId)
+    status: Mapped[str] = mapped_column(Text, default="open")
+    priority: Mapped[str] = mapped_column(Text, default="normal")
+    description: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,0 +1,160 @@
+"""PostgreSQL/TimescaleDB writer: asyncpg COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING.
+
+One transaction per batch, so a batch is either wholly durable or not at all; the
+conflict clause makes redeliveries and replays harmless. Every call runs under a
+timeout: a half-open connection must fail the batch, not hang the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from agents.events import RawMessage, RejectedMessage
+from db.writer import (
+    READING_COLUMNS,
+    REJECTION_COLUMNS,
+    RowRejected,
+    StorageError,
+    WriteResult,
+    reading_row,
+    rejection_row,
+)
+from edge.codecs import Reading
+
+_COLS = ", ".join(READING_COLUMNS)
+_INSERT_READINGS = (
+    f"INSERT INTO sensor_readings ({_COLS}) SELECT {_COLS} FROM ingestd_staging "
+    "ON CONFLICT DO NOTHING RETURNING device_id, sensor_id, ts"
+)
+_REJ_COLS = ", ".join(REJECTION_COLUMNS)
+_REJ_TYPES = ("timestamptz", "text", "bytea", "text", "int", "text", "text", "text", "text")
+_REJ_PARAMS = ", ".join(f"${i}::{t}" for i, t in enumerate(_REJ_TYPES, start=1))
+# A redelivered (DUP) rejection that is already stored is not stored again.
+_INSERT_DUP_REJECTION = (
+    f"INSERT INTO rejected_messages ({_REJ_COLS}) SELECT {_REJ_PARAMS} WHERE NOT EXISTS "
+    "(SELECT 1 FROM rejected_messages WHERE topic = $2::text AND payload_sha256 = $4::text)"
+)
+# Errors about the data itself (SQLSTATE classes 22 and 23): retrying the same rows is futile.
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+class PostgresWriter:
+    """Writes batches of readings and rejections to PostgreSQL."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_payload_bytes: int,
+        command_timeout: float = 15.0,
+        connect_timeout: float = 10.0,
+        pool_size: int = 2,
+    ) -> None:
+        self._url = url
+        self._max_payload_bytes = max_payload_bytes
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._pool_size = pool_size
+        self._pool: Any = None
+
+    async def start(self) -> None:
+        """Open the pool; a failure here is retried by the caller like any write failure."""
+        if self._pool is not None:
+            return
+        try:
+            async with asyncio.timeout(self._connect_timeout + 1):
+                self._pool = await asyncpg.create_pool(
+                    self._url,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    timeout=self._connect_timeout,
+                    command_timeout=self._command_timeout,
+                    init=_prepare_connection,
+                )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageError(f"cannot connect to PostgreSQL: {exc!r}") from exc
+
+    async def write(
+        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+    ) -> WriteResult:
+        await self.start()
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await self._write(readings, rejections)
+        except _DATA_ERRORS as exc:
+            raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The connection may be half-open: drop the pool so the next try starts clean.
+            await self._reset()
+            raise StorageError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _write(
+        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+    ) -> WriteResult:
+        new: list[bool] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            if readings:
+                await conn.copy_records_to_table(
+                    "ingestd_staging",
+                    records=[reading_row(reading, message) for reading, message in readings],
+                    columns=READING_COLUMNS,
+                )
+                inserted = {tuple(row) for row in await conn.fetch(_INSERT_READINGS)}
+                for reading, _ in readings:
+                    key = (reading.device_id, reading.sensor_id, reading.ts)
+                    if key in inserted:
+                        inserted.discard(key)  # a second copy within the batch is a duplicate
+                        new.append(True)
+                    else:
+                        new.append(False)
+            stored = 0
+            fresh = [r for r in rejections if not r.message.dup]
+            if fresh:
+                await conn.copy_records_to_table(
+                    "rejected_messages",
+                    records=[rejection_row(r, self._max_payload_bytes) for r in fresh],
+                    columns=REJECTION_COLUMNS,
+                )
+                stored += len(fresh)
+            for rejection in rejections:
+                if rejection.message.dup:
+                    status = await conn.execute(
+                        _INSERT_DUP_REJECTION, *rejection_row(rejection, self._max_payload_bytes)
+                    )
+                    stored += int(status.rsplit(" ", 1)[-1])
+        return WriteResult(new, stored)
+
+    async def load_devices(self) -> list[dict[str, Any]]:
+        """Registry rows of the ``devices`` table."""
+        await self.start()
+        try:
+            async with asyncio.timeout(self._command_timeout), self._pool.acquire() as conn:
+                rows = await conn.fetch("SELECT * FROM devices")
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageError(f"cannot read devices: {exc!r}") from exc
+        return [dict(row) for row in rows]
+
+    async def _reset(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await pool.close()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+
+
+async def _prepare_connection(conn: Any) -> None:  # noqa: ANN401
+    # One staging table per connection, emptied by every commit.
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS ingestd_staging "
+        "(LIKE sensor_readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )

@@ -1,0 +1,77 @@
+"""Schema management: apply Alembic migrations, and tell an outdated schema from a current one."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import migrations
+
+
+class SchemaError(Exception):
+    """The database schema is missing or older than this version of ingestd."""
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy async-driver URL for a ``postgresql://`` or ``sqlite:///`` URL."""
+    for prefix, driver in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("sqlite:///", "sqlite+aiosqlite:///"),
+    ):
+        if url.startswith(prefix):
+            return driver + url.removeprefix(prefix)
+    return url
+
+
+def _alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # '%' is ConfigParser interpolation syntax; percent-encoded passwords contain it.
+    cfg.set_main_option("sqlalchemy.url", async_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def upgrade(url: str) -> None:
+    """Apply every migration (blocking; runs its own event loop, so call it off-loop)."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(_alembic_config(url), "head")
+
+
+async def current_revision(url: str, timeout: float = 10.0) -> str | None:
+    """The revision the database is at, or None when it was never migrated."""
+
+    def read(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    engine = create_async_engine(async_url(url))
+    try:
+        async with asyncio.timeout(timeout), engine.connect() as connection:
+            return await connection.run_sync(read)
+    finally:
+        await engine.dispose()
+
+
+async def ensure_current(url: str) -> None:
+    """Raise ``SchemaError`` naming ``ingestd migrate`` unless the schema is at head."""
+    current = await current_revision(url)
+    head = head_revision()
+    if current != head:
+        state = "has no ingestd schema" if current is None else f"is at revision {current}"
+        raise SchemaError(
+            f"the database {state}, this ingestd needs revision {head}: run `ingestd migrate`"
+        )

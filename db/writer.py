@@ -1,0 +1,70 @@
+"""What every storage backend offers the PersistenceAgent, and the row shapes they share."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from agents.events import RawMessage, RejectedMessage
+from edge.codecs import Reading
+
+READING_COLUMNS = (
+    "device_id", "sensor_id", "ts", "value", "unit", "quality", "seq", "site", "area",
+    "line", "asset", "sensor_type", "received_at", "correlation_id",
+)  # fmt: skip
+REJECTION_COLUMNS = (
+    "received_at", "topic", "payload", "payload_sha256", "payload_size", "reason", "error",
+    "device_id", "correlation_id",
+)  # fmt: skip
+
+
+class StorageError(Exception):
+    """The database could not take a batch (unreachable, failing, timed out): retry later."""
+
+
+class RowRejected(StorageError):
+    """The database refused the data itself: retrying the same rows cannot succeed."""
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """Which readings of a batch were new rows, and how many rejections were stored."""
+
+    new: list[bool]
+    rejections_stored: int
+
+
+class Writer(Protocol):
+    """A storage backend: one idempotent transaction per batch."""
+
+    async def start(self) -> None: ...
+
+    async def write(
+        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+    ) -> WriteResult: ...
+
+    async def close(self) -> None: ...
+
+
+def reading_row(reading: Reading, message: RawMessage) -> tuple[object, ...]:
+    return (
+        reading.device_id, reading.sensor_id, reading.ts, reading.value, reading.unit,
+        reading.quality, reading.seq, reading.site, reading.area, reading.line, reading.asset,
+        reading.sensor_type, message.received_at, message.correlation_id,
+    )  # fmt: skip
+
+
+def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> tuple[object, ...]:
+    message = rejection.message
+    return (
+        message.received_at,
+        message.topic,
+        message.payload[:max_payload_bytes],
+        hashlib.sha256(message.payload).hexdigest(),
+        len(message.payload),
+        rejection.reason,
+        rejection.error,
+        rejection.device_id,
+        message.correlation_id,
+    )

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Make sure the binaries the test harness (tests/harness/servers.py) runs are installed:
+# mosquitto, the PostgreSQL server binaries (initdb, pg_ctl, postgres) and psql.
+#
+# Installs the Debian packages mosquitto and postgresql only when something is missing. It never
+# starts or enables the system services: the harness runs its own servers on free ports.
+#
+# Usage: scripts/ensure-binaries.sh [--check]   (--check: report only, exit 1 if missing)
+set -euo pipefail
+
+check_only=0
+if [[ "${1:-}" == "--check" ]]; then
+    check_only=1
+fi
+
+find_mosquitto() {
+    command -v mosquitto 2>/dev/null && return 0
+    local c
+    for c in /usr/sbin/mosquitto /usr/local/sbin/mosquitto; do
+        [[ -x "$c" ]] && { echo "$c"; return 0; }
+    done
+    return 1
+}
+
+find_pg_bindir() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/postgres" ]] && { echo "$d"; return 0; }
+    done
+    return 1
+}
+
+find_psql() {
+    command -v psql 2>/dev/null && return 0
+    local d
+    d="$(find_pg_bindir)" && [[ -x "$d/psql" ]] && { echo "$d/psql"; return 0; }
+    return 1
+}
+
+missing=()
+find_mosquitto >/dev/null || missing+=("mosquitto")
+find_pg_bindir >/dev/null || missing+=("PostgreSQL server (initdb/pg_ctl under /usr/lib/postgresql/*/bin)")
+find_psql >/dev/null || missing+=("psql")
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "ensure-binaries: ok: mosquitto=$(find_mosquitto) postgres=$(find_pg_bindir) psql=$(find_psql)"
+    exit 0
+fi
+
+printf 'ensure-binaries: missing: %s\n' "${missing[@]}" >&2
+if [[ $check_only -eq 1 ]]; then
+    exit 1
+fi
+
+if [[ $(id -u) -eq 0 ]]; then
+    as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+    as_root=(sudo)
+else
+    echo "ensure-binaries: not root and no sudo: install them yourself, e.g." >&2
+    echo "    apt-get install -y mosquitto postgresql" >&2
+    exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "ensure-binaries: no apt-get here: install mosquitto and postgresql yourself" >&2
+    exit 1
+fi
+
+# Keep the packages' maintainer scripts from starting services: invoke-rc.d asks policy-rc.d,
+# and exit code 101 means "action forbidden". A policy already there is put back afterwards.
+policy=/usr/sbin/policy-rc.d
+backup="$policy.ensure-binaries-backup"
+had_policy=0
+if [[ -e $policy ]]; then
+    "${as_root[@]}" mv "$policy" "$backup"
+    had_policy=1
+fi
+cleanup() {
+    "${as_root[@]}" rm -f "$policy"
+    if [[ $had_policy -eq 1 ]]; then
+        "${as_root[@]}" mv "$backup" "$policy"
+    fi
+}
+trap cleanup EXIT
+printf '#!/bin/sh\n# temporary, from ingestd scripts/ensure-binaries.sh\nexit 101\n' \
+    | "${as_root[@]}" tee "$policy" >/dev/null
+"${as_root[@]}" chmod 755 "$policy"
+
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    mosquitto postgresql
+
+# On a systemd machine the packages enable their units on install (policy-rc.d does not stop
+# that); we installed them only for the harness, so undo it without touching anything running.
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    "${as_root[@]}" systemctl disable mosquitto.service postgresql.service >/dev/null 2>&1 || true
+fi
+
+still_missing=0
+find_mosquitto >/dev/null || { echo "ensure-binaries: mosquitto still missing" >&2; still_missing=1; }
+find_pg_bindir >/dev/null || { echo "ensure-binaries: postgresql still missing" >&2; still_missing=1; }
+find_psql >/dev/null || { echo "ensure-binaries: psql still missing" >&2; still_missing=1; }
+if [[ $still_missing -ne 0 ]]; then
+    exit 1
+fi
+echo "ensure-binaries: installed: mosquitto=$(find_mosquitto) postgres=$(find_pg_bindir) psql=$(find_psql)"
