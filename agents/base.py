@@ -54,6 +54,3 @@ class Agent(ABC):
     def stalled(self, now: float, timeout: float) -> bool:
         """True when there is work and nothing has moved for ``timeout`` seconds."""
         return self.has_work() and now - self.last_progress > timeout
-
-    async def close(self) -> None:
-        """Release resources at shutdown (after the pipeline drained)."""

@@ -1,4 +1,4 @@
-"""EnrichmentAgent: registry metadata (site, area, line, asset, sensor type, unit) and a quality flag."""
+"""EnrichmentAgent: registry metadata (site, area, line, asset, type, unit) and a quality flag."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ class EnrichmentAgent(Agent):
 
     name = "enrichment"
 
-    def __init__(self, bus: Bus, metrics: Metrics, inbox: Inbox[Any], registry: DeviceRegistry) -> None:
+    def __init__(
+        self, bus: Bus, metrics: Metrics, inbox: Inbox[Any], registry: DeviceRegistry
+    ) -> None:
         super().__init__(bus, metrics, inbox)
         self.registry = registry
 

@@ -1,4 +1,4 @@
-"""PersistenceAgent: batches readings and rejections into one durable transaction, then settles them.
+"""PersistenceAgent: one durable transaction per batch of readings and rejections, then settle.
 
 Batches form naturally: whatever waits in the inbox when the previous write finishes
 goes into the next one, so a batch is flushed as soon as the inbox runs empty and
@@ -30,7 +30,7 @@ from agents.events import (
     RejectionsStored,
 )
 from daemon.metrics import Metrics
-from db.writer import RowRejected, StorageError, WriteResult, Writer
+from db.writer import RowRejected, StorageError, Writer, WriteResult
 from edge.codecs import STORAGE_REJECTED, Reading
 
 log = logging.getLogger("ingestd.persistence")
@@ -39,7 +39,7 @@ Item = EnrichedMessage | RejectedMessage
 
 
 class PersistenceAgent(Agent):
-    """Stores each batch in one transaction; a message settles only once its outcome is committed."""
+    """Stores each batch in one transaction; a message settles once its outcome is committed."""
 
     name = "persistence"
 
@@ -113,7 +113,7 @@ class PersistenceAgent(Agent):
             log.info("database writable")
         return result
 
-    def _on_retry(self, state: Any) -> None:  # noqa: ANN401
+    def _on_retry(self, state: Any) -> None:
         error = state.outcome.exception() if state.outcome else None
         self.metrics.database_errors.labels(type(error).__name__).inc()
         if self.database_up or state.attempt_number == 1:
@@ -151,4 +151,3 @@ def _device(item: Item) -> str | None:
     if type(item) is EnrichedMessage and item.readings:
         return item.readings[0].device_id
     return getattr(item, "device_id", None)
-

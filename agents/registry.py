@@ -36,7 +36,9 @@ class DeviceInfo:
 
     def merged_over(self, base: DeviceInfo) -> DeviceInfo:
         """This row's fields where set, ``base``'s elsewhere."""
-        changes = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        changes = {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
         return replace(base, **changes)
 
 
@@ -101,7 +103,7 @@ def _info(row: Mapping[str, Any], where: str) -> DeviceInfo:
 
 
 def load_registry_file(path: Path) -> list[dict[str, Any]]:
-    """Registry rows from a TOML (``[[devices]]`` with optional ``[devices.sensors.X]``) or CSV file."""
+    """Registry rows from TOML (``[[devices]]``, optional ``[devices.sensors.X]``) or CSV."""
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:

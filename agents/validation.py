@@ -1,4 +1,4 @@
-"""ValidationAgent: topic templates and payload codecs turn raw messages into readings or rejections."""
+"""ValidationAgent: topic templates and payload codecs turn messages into readings or rejections."""
 
 from __future__ import annotations
 

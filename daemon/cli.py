@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(handler=handler)
         return sub
@@ -45,14 +47,23 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", _check_config, "validate the configuration and print it, secrets masked"),
     ):
         sub = command(name, handler, text)
-        sub.add_argument("-c", "--config", type=Path, help="TOML file (default /etc/ingestd/ingestd.toml if present)")
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            help="TOML file (default /etc/ingestd/ingestd.toml if present)",
+        )
 
     from edge import simulator  # noqa: PLC0415 - keeps `ingestd run` from importing the simulator
 
-    simulator.add_arguments(command("simulate", simulator.run, "publish simulated plant-floor readings"))
+    simulator.add_arguments(
+        command("simulate", simulator.run, "publish simulated plant-floor readings")
+    )
     from daemon import demo  # noqa: PLC0415
 
-    demo.add_arguments(command("demo", demo.run, "broker + simulator + daemon on the embedded defaults"))
+    demo.add_arguments(
+        command("demo", demo.run, "broker + simulator + daemon on the embedded defaults")
+    )
     return parser
 
 
@@ -111,8 +122,11 @@ def run_daemon(config: Config) -> int:
 
     try:
         run_async(daemon)
-    except* FatalError as group:
-        log.critical("fatal: %s", group.exceptions[0])
+    except (FatalError, ExceptionGroup) as exc:
+        fatal = exc.subgroup(FatalError) if isinstance(exc, ExceptionGroup) else exc
+        if fatal is None:
+            raise
+        log.critical("fatal: %s", fatal)
         return 1
     return 0
 

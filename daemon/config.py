@@ -209,7 +209,7 @@ class MetricsConfig(Section):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
+        _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be host:port, e.g. 127.0.0.1:9108 (port 0 picks a free one)")
         return value
@@ -262,8 +262,8 @@ class Config(BaseSettings):
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
-        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = settings_cls.model_config.get("toml_file")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
@@ -293,7 +293,7 @@ class Config(BaseSettings):
         return [prefix + source.topic for source in self.ingest.sources]
 
 
-def load_config(path: Path | None = None, **overrides: Any) -> Config:  # noqa: ANN401
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
     """Resolve the configuration once: defaults < TOML file < environment < overrides."""
     if path is None and DEFAULT_CONFIG_FILE.exists():
         path = DEFAULT_CONFIG_FILE

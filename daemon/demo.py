@@ -1,4 +1,4 @@
-"""``ingestd demo``: a private mosquitto, the edge simulator and the daemon on the embedded defaults.
+"""``ingestd demo``: a private mosquitto, the edge simulator and the daemon on the defaults.
 
 A first look for a new user: everything runs on this machine for about twenty seconds
 with a live one-line summary, then a final summary, and nothing is left running.
@@ -18,8 +18,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.config import load_config
+
+if TYPE_CHECKING:
+    from daemon.supervisor import Supervisor
 
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -38,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
         print("ingestd demo: no mosquitto binary found; install it (apt-get install mosquitto) "
               "or pass --mosquitto PATH", file=sys.stderr)  # fmt: skip
         return 1
-    with tempfile.TemporaryDirectory(prefix="ingestd-demo-") as workdir, _broker(binary, Path(workdir)) as port:
+    with (
+        tempfile.TemporaryDirectory(prefix="ingestd-demo-") as workdir,
+        _broker(binary, Path(workdir)) as port,
+    ):
         return _demo(args, port)
 
 
@@ -60,11 +67,16 @@ def _broker(binary: str, workdir: Path) -> Iterator[int]:
         # ack-after-commit needs more than mosquitto's default of 20 unacknowledged messages
         "max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest none\n"
     )
-    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=0.2),
+            ):
                 break
             if process.poll() is not None or time.monotonic() > deadline:
                 error = process.stderr.read().decode() if process.stderr else ""
@@ -97,7 +109,9 @@ def _demo(args: argparse.Namespace, port: int) -> int:
     if problem:
         print(f"ingestd demo: {problem}", file=sys.stderr)
         return 1
-    print(f"demo: storing in {config.database_url}; metrics at http://{config.metrics.listen}/metrics")
+    print(
+        f"demo: storing in {config.database_url}; metrics at http://{config.metrics.listen}/metrics"
+    )
     outcome: dict[str, int] = {}
 
     async def main() -> None:
@@ -112,38 +126,46 @@ def _demo(args: argparse.Namespace, port: int) -> int:
         started = time.monotonic()
         while not simulator.done():
             await asyncio.wait({simulator}, timeout=1.0)
-            _summary(supervisor, time.monotonic() - started, end="\r")
+            _summary(
+                supervisor, time.monotonic() - started, end="\r" if sys.stdout.isatty() else "\n"
+            )
         report = simulator.result()
         metrics = supervisor.metrics
         deadline = time.monotonic() + 15
-        while metrics.received < report.published and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)  # polling the drain with a deadline
-        while supervisor.source.tracker.pending and time.monotonic() < deadline:
+        # Counters have no event to wait on: poll them with a deadline.
+        while metrics.received < report.published and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+        await asyncio.wait_for(
+            supervisor.source.tracker.wait_drained(), max(0.1, deadline - time.monotonic())
+        )
         supervisor.request_stop()
         await daemon
         print()
         _summary(supervisor, time.monotonic() - started, end="\n")
         outcome.update(published=report.published, received=metrics.received)
         rejected = _rejected(supervisor)
-        print(f"demo: simulator published {report.published} ({report.bad} malformed on purpose); "
-              f"ingestd stored {metrics.stored} readings and {rejected} rejections with reasons")  # fmt: skip
+        print(
+            f"demo: simulator published {report.published} ({report.bad} malformed on purpose);"
+            f" ingestd stored {metrics.stored} readings and {rejected} rejections with reasons"
+        )
 
     run_async(main)
     return 0 if outcome.get("received") == outcome.get("published") else 1
 
 
-def _rejected(supervisor: object) -> int:
-    counter = supervisor.metrics.rejected  # type: ignore[attr-defined]
+def _rejected(supervisor: Supervisor) -> int:
+    counter = supervisor.metrics.rejected
     return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
                    if sample.name.endswith("_total")))  # fmt: skip
 
 
-def _summary(supervisor: object, elapsed: float, end: str) -> None:
-    metrics = supervisor.metrics  # type: ignore[attr-defined]
+def _summary(supervisor: Supervisor, elapsed: float, end: str) -> None:
+    metrics = supervisor.metrics
     rate = metrics.received / elapsed if elapsed > 0 else 0.0
     print(
         f"received {metrics.received:>7}  stored {metrics.stored:>7}  "
-        f"rejected {_rejected(supervisor):>5}  in flight {metrics.inflight():>4.0f}  {rate:8.0f} msg/s",
-        end=end, flush=True,
-    )  # fmt: skip
+        f"rejected {_rejected(supervisor):>5}  in flight {metrics.inflight():>4.0f}  "
+        f"{rate:8.0f} msg/s",
+        end=end,
+        flush=True,
+    )

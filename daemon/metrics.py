@@ -37,11 +37,16 @@ class _HotCounters(Collector):
             value=m.duplicates,
         )
         yield CounterMetricFamily(
-            "ingestd_acks_sent", "PUBACKs released to the broker after the outcome was durable.",
+            "ingestd_acks_sent",
+            "PUBACKs released to the broker after the outcome was durable.",
             value=m.acks_sent,
         )
         gauges = (
-            ("ingestd_inflight_messages", "Messages received and not yet acknowledged.", m.inflight),
+            (
+                "ingestd_inflight_messages",
+                "Messages received and not yet acknowledged.",
+                m.inflight,
+            ),
             ("ingestd_inflight_window", "The in-flight window ingestd enforces.", m.window),
         )
         for name, text, probe in gauges:
@@ -69,7 +74,9 @@ class Metrics:
 
         self.info = Info("ingestd_build", "ingestd version.", registry=registry)
         self.rejected = counter(
-            "ingestd_messages_rejected_total", "Messages stored as rejections, by reason.", ("reason",)
+            "ingestd_messages_rejected_total",
+            "Messages stored as rejections, by reason.",
+            ("reason",),
         )
         self.mqtt_connected = gauge("ingestd_mqtt_connected", "1 while connected to the broker.")
         self.mqtt_connects = counter("ingestd_mqtt_connects_total", "Successful broker connects.")
@@ -81,30 +88,44 @@ class Metrics:
             "Acknowledgements not sent because their connection was gone (the broker redelivers).",
         )
         self.intake_paused = gauge(
-            "ingestd_intake_paused", "1 while socket reads are paused: the in-flight window is full."
+            "ingestd_intake_paused",
+            "1 while socket reads are paused: the in-flight window is full.",
         )
         self.intake_pauses = counter(
             "ingestd_intake_pauses_total", "Times the in-flight window filled and reads paused."
         )
-        self.queue_depth = gauge("ingestd_queue_depth", "Events waiting in an agent inbox.", ("inbox",))
-        self.queue_capacity = gauge("ingestd_queue_capacity", "Bound of an agent inbox.", ("inbox",))
+        self.queue_depth = gauge(
+            "ingestd_queue_depth", "Events waiting in an agent inbox.", ("inbox",)
+        )
+        self.queue_capacity = gauge(
+            "ingestd_queue_capacity", "Bound of an agent inbox.", ("inbox",)
+        )
         self.queue_waits = counter(
-            "ingestd_queue_full_waits_total", "Times a producer waited for room in an inbox.", ("inbox",)
+            "ingestd_queue_full_waits_total",
+            "Times a producer waited for room in an inbox.",
+            ("inbox",),
         )
         self.batch_size = Histogram(
-            "ingestd_batch_size_readings", "Readings per database batch.",
-            buckets=BATCH_BUCKETS, registry=registry,
+            "ingestd_batch_size_readings",
+            "Readings per database batch.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.write_seconds = Histogram(
-            "ingestd_write_duration_seconds", "Time to commit one batch.",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "ingestd_write_duration_seconds",
+            "Time to commit one batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.end_to_end_seconds = Histogram(
             "ingestd_end_to_end_latency_seconds",
             "From MQTT receipt to a durable outcome (row committed or rejection stored).",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.database_up = gauge("ingestd_database_up", "1 while the last database write succeeded.")
+        self.database_up = gauge(
+            "ingestd_database_up", "1 while the last database write succeeded."
+        )
         self.database_errors = counter(
             "ingestd_database_errors_total", "Failed database operations, by kind.", ("kind",)
         )
@@ -113,7 +134,8 @@ class Metrics:
         )
         self.events_dropped = counter(
             "ingestd_events_dropped_total",
-            "Events not published (broker away or outbound queue full), by kind.", ("kind",),
+            "Events not published (broker away or outbound queue full), by kind.",
+            ("kind",),
         )
         self.agent_restarts = counter(
             "ingestd_agent_restarts_total", "Agents restarted after a crash.", ("agent",)

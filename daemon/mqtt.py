@@ -56,7 +56,7 @@ class MqttSource:
         v5 = mqtt.protocol == "5"
         properties = None
         if v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = mqtt.session_expiry_seconds
             properties.ReceiveMaximum = min(mqtt.max_inflight, 65535)
         return aiomqtt.Client(
@@ -101,7 +101,7 @@ class MqttSource:
         try:
             topic = message.topic
         except UnicodeDecodeError:
-            topic = message._topic.decode("utf-8", "replace")  # noqa: SLF001
+            topic = message._topic.decode("utf-8", "replace")
         # Never blocks: the inbox holds more than the in-flight window, and reads pause
         # below when the window is full. Should it ever be full anyway, QueueFull ends the
         # connection unacknowledged and the broker redelivers: nothing is lost.
@@ -109,7 +109,7 @@ class MqttSource:
             RawMessage(
                 seq,
                 topic,
-                message.payload,
+                bytes(message.payload),
                 message.qos,
                 datetime.now(UTC),
                 time.monotonic(),
@@ -135,7 +135,8 @@ class MqttSource:
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type((aiomqtt.MqttError, OSError)),
                 wait=wait_random_exponential(
-                    multiplier=self._mqtt.reconnect_min_seconds, max=self._mqtt.reconnect_max_seconds
+                    multiplier=self._mqtt.reconnect_min_seconds,
+                    max=self._mqtt.reconnect_max_seconds,
                 ),
                 before_sleep=self._log_retry,
                 reraise=True,
@@ -169,7 +170,9 @@ class MqttSource:
 
     async def _serve(self) -> None:
         self.bridge.publish_nowait(self._status_topic, ONLINE, 1, retain=True)
-        subscriptions = [(topic, self._mqtt.subscribe_qos) for topic in self._config.subscriptions]
+        subscriptions: list[tuple[str, int]] = [
+            (topic, self._mqtt.subscribe_qos) for topic in self._config.subscriptions
+        ]
         # The SUBACK queues behind a persistent session's backlog: hence the long timeout.
         await self._client.subscribe(subscriptions, timeout=self._mqtt.subscribe_timeout_seconds)
         log.info("subscribed", extra={"topics": [topic for topic, _ in subscriptions]})
@@ -185,7 +188,10 @@ class MqttSource:
         outcome = getattr(state, "outcome", None)
         error = outcome.exception() if outcome is not None else None
         sleep = getattr(getattr(state, "next_action", None), "sleep", 0.0)
-        log.warning("broker unreachable, retrying", extra={"error": str(error), "in_seconds": round(sleep, 2)})
+        log.warning(
+            "broker unreachable, retrying",
+            extra={"error": str(error), "in_seconds": round(sleep, 2)},
+        )
 
     def stop_intake(self) -> None:
         """Deliver nothing more: the first phase of shutdown."""

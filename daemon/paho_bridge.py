@@ -25,16 +25,18 @@ import paho.mqtt.client as paho
 class PahoBridge:
     """Manual acks, direct message callbacks and pausable reads for one aiomqtt client."""
 
-    def __init__(self, client: aiomqtt.Client, on_message: Callable[[paho.MQTTMessage], None]) -> None:
+    def __init__(
+        self, client: aiomqtt.Client, on_message: Callable[[paho.MQTTMessage], None]
+    ) -> None:
         self._client = client
-        self._paho: paho.Client = client._client  # noqa: SLF001
+        self._paho: paho.Client = client._client
         self._loop = asyncio.get_running_loop()
         self._fd = -1
         self._paused = False
         self._reading = False
         self._paho.manual_ack_set(True)
 
-        def deliver(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:  # noqa: ANN401
+        def deliver(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
             on_message(message)
 
         self._paho.on_message = deliver
@@ -90,7 +92,7 @@ class PahoBridge:
     def _fail(self, exc: BaseException) -> None:
         # Mirrors aiomqtt's own reader: an exception while reading ends the connection; the
         # unacknowledged messages are redelivered on the next one.
-        disconnected: asyncio.Future[None] = self._client._disconnected  # noqa: SLF001
+        disconnected: asyncio.Future[None] = self._client._disconnected
         if not disconnected.done():
             disconnected.set_exception(aiomqtt.MqttError(f"read failed: {exc!r}"))
         self._paho.disconnect()
@@ -115,4 +117,4 @@ class PahoBridge:
 
     async def wait_disconnected(self) -> None:
         """Return (or raise aiomqtt's error) when the current connection ends."""
-        await asyncio.shield(self._client._disconnected)  # noqa: SLF001
+        await asyncio.shield(self._client._disconnected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -23,10 +24,9 @@ class Notifier:
     def notify(self, *fields: str) -> None:
         if self._socket is None:
             return
-        try:
+        # systemd gone (or never there): nothing a daemon can do about it.
+        with contextlib.suppress(OSError):
             self._socket.sendto("\n".join(fields).encode(), self._address)
-        except OSError:
-            pass  # systemd gone (or never there): nothing a daemon can do about it
 
     def ready(self, status: str = "") -> None:
         self.notify("READY=1", *([f"STATUS={status}"] if status else []))

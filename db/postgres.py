@@ -1,4 +1,4 @@
-"""PostgreSQL/TimescaleDB writer: asyncpg COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING.
+"""PostgreSQL/TimescaleDB writer: COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING.
 
 One transaction per batch, so a batch is either wholly durable or not at all; the
 conflict clause makes redeliveries and replays harmless. Every call runs under a
@@ -152,7 +152,7 @@ class PostgresWriter:
                 pool.terminate()
 
 
-async def _prepare_connection(conn: Any) -> None:  # noqa: ANN401
+async def _prepare_connection(conn: Any) -> None:
     # One staging table per connection, emptied by every commit.
     await conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS ingestd_staging "

@@ -52,7 +52,7 @@ def upgrade(url: str) -> None:
     command.upgrade(_alembic_config(url), "head")
 
 
-async def current_revision(url: str, timeout: float = 10.0) -> str | None:
+async def current_revision(url: str, timeout_seconds: float = 10.0) -> str | None:
     """The revision the database is at, or None when it was never migrated."""
 
     def read(connection: Connection) -> str | None:
@@ -60,7 +60,7 @@ async def current_revision(url: str, timeout: float = 10.0) -> str | None:
 
     engine = create_async_engine(async_url(url))
     try:
-        async with asyncio.timeout(timeout), engine.connect() as connection:
+        async with asyncio.timeout(timeout_seconds), engine.connect() as connection:
             return await connection.run_sync(read)
     finally:
         await engine.dispose()

@@ -52,7 +52,7 @@ class SqliteWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingestd-sqlite")
         self._conn: sqlite3.Connection | None = None
 
-    async def _call(self, fn: Any, *args: Any) -> Any:  # noqa: ANN401
+    async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def start(self) -> None:
@@ -62,7 +62,9 @@ class SqliteWriter:
         if self._conn is None:
             try:
                 conn = sqlite3.connect(
-                    self._path, timeout=self._busy_timeout, isolation_level=None,
+                    self._path,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
                     check_same_thread=False,
                 )
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -83,7 +85,9 @@ class SqliteWriter:
         return result
 
     def _write(
-        self, reading_rows: list[tuple[Any, ...]], rejection_rows: list[tuple[tuple[Any, ...], bool]]
+        self,
+        reading_rows: list[tuple[Any, ...]],
+        rejection_rows: list[tuple[tuple[Any, ...], bool]],
     ) -> WriteResult:
         conn = self._open()
         try:

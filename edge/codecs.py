@@ -81,7 +81,7 @@ def decode(
     raise PayloadError(BAD_TYPE, f"expected a JSON object or array, got {_kind(document)}")
 
 
-def _load_json(payload: bytes) -> Any:  # noqa: ANN401
+def _load_json(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -114,7 +114,7 @@ def _decode_value(payload: bytes) -> float:
     return value
 
 
-def _from_object(item: Any, fields: dict[str, str], received_at: datetime, at: str) -> Reading:  # noqa: ANN401
+def _from_object(item: Any, fields: dict[str, str], received_at: datetime, at: str) -> Reading:
     if not isinstance(item, dict):
         raise PayloadError(BAD_TYPE, f"{at}expected an object, got {_kind(item)}")
     if "value" not in item:
@@ -179,7 +179,7 @@ def _reading(fields: dict[str, str], value: float, received_at: datetime, at: st
     )
 
 
-def parse_ts(raw: Any, at: str = "") -> datetime:  # noqa: ANN401
+def parse_ts(raw: Any, at: str = "") -> datetime:
     """An aware UTC datetime from an ISO-8601 string (naive means UTC) or epoch seconds."""
     if isinstance(raw, str):
         try:
@@ -193,7 +193,9 @@ def parse_ts(raw: Any, at: str = "") -> datetime:  # noqa: ANN401
         except OverflowError:
             raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is out of range") from None
     if type(raw) is bool or not isinstance(raw, int | float):
-        raise PayloadError(BAD_TIMESTAMP, f"{at}ts must be ISO-8601 or epoch seconds, got {_kind(raw)}")
+        raise PayloadError(
+            BAD_TIMESTAMP, f"{at}ts must be ISO-8601 or epoch seconds, got {_kind(raw)}"
+        )
     try:
         seconds = float(raw)
     except OverflowError:
@@ -203,7 +205,7 @@ def parse_ts(raw: Any, at: str = "") -> datetime:  # noqa: ANN401
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def _text(raw: Any, key: str, at: str, limit: int) -> str:  # noqa: ANN401
+def _text(raw: Any, key: str, at: str, limit: int) -> str:
     if not isinstance(raw, str):
         raise PayloadError(BAD_TYPE, f"{at}{key} must be a string, got {_kind(raw)}")
     if not raw or len(raw) > limit or "\x00" in raw:
@@ -211,7 +213,7 @@ def _text(raw: Any, key: str, at: str, limit: int) -> str:  # noqa: ANN401
     return raw
 
 
-def _kind(raw: Any) -> str:  # noqa: ANN401
+def _kind(raw: Any) -> str:
     if raw is None:
         return "null"
     if isinstance(raw, bool):

@@ -50,7 +50,9 @@ class TopicTemplate:
 
     def _check_filter(self, topic_filter: str) -> None:
         parts = topic_filter.split("/")
-        if not topic_filter or any(("#" in p and p != "#") or ("+" in p and p != "+") for p in parts):
+        if not topic_filter or any(
+            ("#" in p and p != "#") or ("+" in p and p != "+") for p in parts
+        ):
             raise ValueError(f"topic filter {topic_filter!r} is not a valid MQTT filter")
         if "#" in parts[:-1]:
             raise ValueError(f"topic filter {topic_filter!r}: '#' must be the last level")
@@ -61,7 +63,8 @@ class TopicTemplate:
             raise ValueError("a filter ending in '#' needs a template ending in '#'")
         if len(parts) != len(self.segments) and not self.open_ended:
             raise ValueError(
-                f"template has {len(self.segments)} levels, filter {topic_filter!r} has {len(parts)}"
+                f"template has {len(self.segments)} levels, "
+                f"filter {topic_filter!r} has {len(parts)}"
             )
         for part, (kind, text) in zip(parts, self.segments, strict=False):
             if kind == "lit" and part not in {"+", text}:

@@ -1,0 +1,36 @@
+# ingestd — make demo | make test | make bench | make lint
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench lint install binaries clean
+
+# The virtualenv is rebuilt whenever pyproject.toml changes.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# mosquitto and the PostgreSQL server binaries (apt-get only when missing; no services started).
+binaries:
+	scripts/ensure-binaries.sh
+
+demo: install binaries
+	$(BIN)/ingestd demo
+
+test: install binaries
+	$(BIN)/pytest
+
+bench: install binaries
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache var
