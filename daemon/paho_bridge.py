@@ -21,6 +21,8 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 
+_MAX_OUT_PACKETS = 10_000
+
 
 class PahoBridge:
     """Manual acks, direct message callbacks and pausable reads for one aiomqtt client."""
@@ -107,7 +109,9 @@ class PahoBridge:
 
     def publish_nowait(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         """Queue a publish without awaiting the broker; False when it could not be queued."""
-        if not self._paho.is_connected():
+        # paho bounds queued QoS 1 messages (max_queued_messages) but not outgoing packets:
+        # QoS 0 events would pile up there without limit if the broker stopped reading.
+        if not self._paho.is_connected() or len(self._paho._out_packet) >= _MAX_OUT_PACKETS:
             return False
         info = self._paho.publish(topic, payload, qos, retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
