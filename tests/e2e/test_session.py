@@ -15,8 +15,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 def readings(count: int, device: str = "dev-1") -> list[tuple[str, bytes]]:
+    topic = f"sensors/{device}/temp"
     return [
-        (f"sensors/{device}/temp", json.dumps({"value": i, "ts": 1_790_000_000 + i / 1000}).encode())
+        (topic, json.dumps({"value": i, "ts": 1_790_000_000 + i / 1000}).encode())
         for i in range(count)
     ]
 
