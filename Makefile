@@ -14,11 +14,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# mosquitto and the PostgreSQL server binaries (apt-get only when missing; no services started).
+# mosquitto, the PostgreSQL server binaries and docker-compose (to validate the compose file):
+# apt-get only when missing, and no service is started.
 binaries:
 	scripts/ensure-binaries.sh
 
-demo: install binaries
+demo: install
+	scripts/ensure-binaries.sh --demo
 	$(BIN)/ingestd demo
 
 test: install binaries

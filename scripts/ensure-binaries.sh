@@ -5,13 +5,21 @@
 # Installs the Debian packages mosquitto and postgresql only when something is missing. It never
 # starts or enables the system services: the harness runs its own servers on free ports.
 #
-# Usage: scripts/ensure-binaries.sh [--check]   (--check: report only, exit 1 if missing)
+# Usage: scripts/ensure-binaries.sh [--check] [--demo]
+#   --check: report only, exit 1 if something is missing
+#   --demo:  only what `ingestd demo` needs (mosquitto)
+# Without --demo it also wants docker-compose (Debian's, no engine) to validate docker-compose.yml.
 set -euo pipefail
 
 check_only=0
-if [[ "${1:-}" == "--check" ]]; then
-    check_only=1
-fi
+demo_only=0
+for arg in "$@"; do
+    case "$arg" in
+        --check) check_only=1 ;;
+        --demo) demo_only=1 ;;
+        *) echo "usage: $0 [--check] [--demo]" >&2; exit 2 ;;
+    esac
+done
 
 find_mosquitto() {
     command -v mosquitto 2>/dev/null && return 0
@@ -38,12 +46,19 @@ find_psql() {
 }
 
 missing=()
-find_mosquitto >/dev/null || missing+=("mosquitto")
-find_pg_bindir >/dev/null || missing+=("PostgreSQL server (initdb/pg_ctl under /usr/lib/postgresql/*/bin)")
-find_psql >/dev/null || missing+=("psql")
+packages=()
+find_mosquitto >/dev/null || { missing+=("mosquitto"); packages+=(mosquitto); }
+if [[ $demo_only -eq 0 ]]; then
+    find_pg_bindir >/dev/null || {
+        missing+=("PostgreSQL server (initdb/pg_ctl under /usr/lib/postgresql/*/bin)")
+        packages+=(postgresql)
+    }
+    find_psql >/dev/null || { missing+=("psql"); packages+=(postgresql-client); }
+    command -v docker-compose >/dev/null 2>&1 || { missing+=("docker-compose"); packages+=(docker-compose); }
+fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "ensure-binaries: ok: mosquitto=$(find_mosquitto) postgres=$(find_pg_bindir) psql=$(find_psql)"
+    echo "ensure-binaries: ok"
     exit 0
 fi
 
@@ -88,7 +103,7 @@ printf '#!/bin/sh\n# temporary, from ingestd scripts/ensure-binaries.sh\nexit 10
 
 "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
 "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-    mosquitto postgresql
+    "${packages[@]}"
 
 # On a systemd machine the packages enable their units on install (policy-rc.d does not stop
 # that); we installed them only for the harness, so undo it without touching anything running.
@@ -98,9 +113,12 @@ fi
 
 still_missing=0
 find_mosquitto >/dev/null || { echo "ensure-binaries: mosquitto still missing" >&2; still_missing=1; }
-find_pg_bindir >/dev/null || { echo "ensure-binaries: postgresql still missing" >&2; still_missing=1; }
-find_psql >/dev/null || { echo "ensure-binaries: psql still missing" >&2; still_missing=1; }
+if [[ $demo_only -eq 0 ]]; then
+    find_pg_bindir >/dev/null || { echo "ensure-binaries: postgresql still missing" >&2; still_missing=1; }
+    find_psql >/dev/null || { echo "ensure-binaries: psql still missing" >&2; still_missing=1; }
+    command -v docker-compose >/dev/null 2>&1 || { echo "ensure-binaries: docker-compose still missing" >&2; still_missing=1; }
+fi
 if [[ $still_missing -ne 0 ]]; then
     exit 1
 fi
-echo "ensure-binaries: installed: mosquitto=$(find_mosquitto) postgres=$(find_pg_bindir) psql=$(find_psql)"
+echo "ensure-binaries: installed: ${packages[*]}"
