@@ -68,6 +68,8 @@ def decode(
     """Readings of one payload in format ``fmt`` (json or value) with topic ``fields``."""
     if fmt == "value":
         return [_reading(fields, _decode_value(payload), received_at)]
+    if not payload.strip():
+        raise PayloadError(MISSING_VALUE, "empty payload: expected a JSON object or array")
     document = _load_json(payload)
     if isinstance(document, dict):
         return [_from_object(document, fields, received_at, "")]
@@ -185,7 +187,7 @@ def parse_ts(raw: Any, at: str = "") -> datetime:
         try:
             ts = datetime.fromisoformat(raw)
         except ValueError:
-            raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is not ISO-8601") from None
+            ts = _lenient_iso(raw, at)
         if ts.tzinfo is None:
             return ts.replace(tzinfo=UTC)
         try:
@@ -203,6 +205,14 @@ def parse_ts(raw: Any, at: str = "") -> datetime:
     if not _MIN_EPOCH <= seconds <= _MAX_EPOCH:  # also false for NaN
         raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw!r} is not epoch seconds in 1970..9999")
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def _lenient_iso(raw: str, at: str) -> datetime:
+    # RFC 3339 allows a lowercase 't'/'z', and gateways pad with spaces.
+    try:
+        return datetime.fromisoformat(raw.strip().upper())
+    except ValueError:
+        raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is not ISO-8601") from None
 
 
 def _text(raw: Any, key: str, at: str, limit: int) -> str:
