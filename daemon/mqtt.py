@@ -19,6 +19,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from agents.bus import Inbox
@@ -50,6 +51,7 @@ class MqttSource:
             self._mqtt.max_inflight, self.bridge.ack, metrics, on_room=self._on_room
         )
         self.connected = asyncio.Event()
+        self.subscription_problem: str | None = None
 
     def _build_client(self) -> aiomqtt.Client:
         mqtt = self._mqtt
@@ -174,7 +176,16 @@ class MqttSource:
             (topic, self._mqtt.subscribe_qos) for topic in self._config.subscriptions
         ]
         # The SUBACK queues behind a persistent session's backlog: hence the long timeout.
-        await self._client.subscribe(subscriptions, timeout=self._mqtt.subscribe_timeout_seconds)
+        granted = await self._client.subscribe(
+            subscriptions, timeout=self._mqtt.subscribe_timeout_seconds
+        )
+        # A broker refuses a filter (ACL, bad $share name) with a failure code, not an error.
+        refused = [
+            topic for (topic, _), code in zip(subscriptions, granted, strict=False) if _failed(code)
+        ]
+        if refused:
+            log.error("broker refused subscriptions", extra={"topics": refused})
+        self.subscription_problem = f"broker refused {', '.join(refused)}" if refused else None
         log.info("subscribed", extra={"topics": [topic for topic, _ in subscriptions]})
         await self.bridge.wait_disconnected()
 
@@ -209,3 +220,9 @@ class MqttSource:
                 log.warning("unclean disconnect", extra={"error": str(exc)})
         self._metrics.mqtt_connected.set(0)
         self.connected.clear()
+
+
+def _failed(code: object) -> bool:
+    """A SUBACK code of 0x80 or more refuses the subscription."""
+    value = code.value if isinstance(code, ReasonCode) else code
+    return isinstance(value, int) and value >= 0x80

@@ -124,6 +124,8 @@ class Supervisor:
             return "shutting down"
         if not self.source.connected.is_set():
             return "broker not connected"
+        if self.source.subscription_problem:
+            return self.source.subscription_problem
         if not self.persistence.database_up:
             return "database unavailable"
         return None
