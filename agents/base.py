@@ -31,8 +31,9 @@ class Agent(ABC):
     async def run(self) -> None:
         """Process batches until cancelled; an exception means a crash (the supervisor restarts)."""
         if self._in_hand:
-            held, self._in_hand = self._in_hand, []
-            await self.recover(held)
+            # Cleared only once recovered: if recovery crashes too, the next start retries it.
+            await self.recover(self._in_hand)
+            self._in_hand = []
         while True:
             batch = await self.inbox.get_batch(self.batch_limit)
             self._in_hand = batch

@@ -57,9 +57,16 @@ class DeviceRegistry:
     def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Add rows (later rows override earlier ones for the same key)."""
         for row in rows:
+            if not row.get("device_id"):
+                raise RegistryError(f"registry row without a device_id: {dict(row)!r}"[:200])
             device_id = str(row["device_id"])
             sensor_id = str(row.get("sensor_id") or ANY_SENSOR)
             self._rows[(device_id, sensor_id)] = _info(row, f"{device_id}/{sensor_id}")
+        self._resolved.clear()
+
+    def merge(self, other: DeviceRegistry) -> None:
+        """Take every row of ``other``, overriding rows with the same key."""
+        self._rows.update(other._rows)
         self._resolved.clear()
 
     def __len__(self) -> int:
@@ -80,8 +87,10 @@ class DeviceRegistry:
         return info
 
 
-def _info(row: Mapping[str, Any], where: str) -> DeviceInfo:
-    unknown = set(row) - _FIELDS - {"device_id", "sensor_id", "updated_at"}
+def _info(row: Mapping[Any, Any], where: str) -> DeviceInfo:
+    if None in row:  # csv.DictReader's key for cells beyond the header
+        raise RegistryError(f"{where}: a row has more cells than the header has columns")
+    unknown = {str(key) for key in row} - _FIELDS - {"device_id", "sensor_id", "updated_at"}
     if unknown:
         raise RegistryError(f"{where}: unknown registry fields {sorted(unknown)}")
     values: dict[str, Any] = {}
@@ -106,16 +115,25 @@ def load_registry_file(path: Path) -> list[dict[str, Any]]:
     """Registry rows from TOML (``[[devices]]``, optional ``[devices.sensors.X]``) or CSV."""
     try:
         if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as handle:
+            # utf-8-sig: spreadsheet exports start with a byte-order mark.
+            with path.open(newline="", encoding="utf-8-sig") as handle:
                 return [dict(row) for row in csv.DictReader(handle)]
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, csv.Error) as exc:
         raise RegistryError(f"registry {path}: {exc}") from None
+    devices = document.get("devices", [])
+    if not isinstance(devices, list):
+        raise RegistryError(f"registry {path}: 'devices' must be an array of tables ([[devices]])")
     rows: list[dict[str, Any]] = []
-    for device in document.get("devices", []):
+    for device in devices:
         if not isinstance(device, dict) or "device_id" not in device:
             raise RegistryError(f"registry {path}: every [[devices]] entry needs a device_id")
         sensors = device.pop("sensors", {})
+        if not isinstance(sensors, dict) or not all(isinstance(s, dict) for s in sensors.values()):
+            raise RegistryError(
+                f"registry {path}: {device['device_id']}: sensors must be tables "
+                "([devices.sensors.NAME])"
+            )
         rows.append({**device, "sensor_id": ANY_SENSOR})
         for sensor_id, sensor in sensors.items():
             rows.append({**sensor, "device_id": device["device_id"], "sensor_id": sensor_id})

@@ -37,7 +37,8 @@ class AckTracker:
         self._entries: deque[list[int]] = deque()
         self._base = 0  # seq of _entries[0]
         self._next = 0
-        self._resume_at = max(0, window - max(1, window // 10))
+        # Resume a little below the window, not at every single ack (at least when empty).
+        self._resume_at = max(1, window - max(1, window // 10))
         self._drained = asyncio.Event()
         self._drained.set()
         metrics.inflight = lambda: len(self._entries)

@@ -79,6 +79,14 @@ def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 1
+    if config.ingest.registry_file is not None:
+        from agents.registry import DeviceRegistry, RegistryError, load_registry_file  # noqa: PLC0415
+
+        try:
+            DeviceRegistry(load_registry_file(config.ingest.registry_file))
+        except RegistryError as exc:
+            print(f"ingestd: {exc}", file=sys.stderr)
+            return 1
     sys.stdout.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 

@@ -101,12 +101,17 @@ class MqttConfig(Section):
     @field_validator("shared_group")
     @classmethod
     def _check_group(cls, value: str | None) -> str | None:
-        if value is not None and (not value or re.search(r"[/+#]", value)):
-            raise ValueError("must be a non-empty name without '/', '+' or '#'")
-        return value or None
+        if value and re.search(r"[/+#]", value):
+            raise ValueError("must be a name without '/', '+' or '#'")
+        return value or None  # empty means no shared subscription
 
     @model_validator(mode="after")
     def _resolve_password(self) -> MqttConfig:
+        parts = urlsplit(self.url)
+        if parts.username and self.username is None:  # mqtt://user:password@host
+            object.__setattr__(self, "username", parts.username)
+            if parts.password and self.password is None and self.password_file is None:
+                object.__setattr__(self, "password", SecretStr(parts.password))
         if self.password_file is not None:
             if self.password is not None:
                 raise ValueError("set password or password_file, not both")
@@ -188,6 +193,7 @@ class DatabaseConfig(Section):
             user = parts.username or ""
             host = parts.hostname or ""
             netloc = f"{quote(user, safe='')}:{quote(_read_secret(self.password_file), safe='')}"
+            host = f"[{host}]" if ":" in host else host
             netloc += f"@{host}" + (f":{parts.port}" if parts.port else "")
             object.__setattr__(self, "url", urlunsplit(parts._replace(netloc=netloc)))
         return self
@@ -299,6 +305,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         path = DEFAULT_CONFIG_FILE
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    _check_environment()
     settings_cls: type[Config] = Config
     if path is not None:
         settings_cls = type(
@@ -310,6 +317,20 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         raise ConfigError(_explain(exc, path)) from None
     except (ValueError, OSError) as exc:  # malformed TOML surfaces as ValueError
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_environment() -> None:
+    # pydantic-settings ignores INGESTD_* variables that name no section (INGESTD_NOPE,
+    # or INGESTD_MQTT_URL with one underscore): a typo must not silently use a default.
+    sections = set(Config.model_fields)
+    for name in os.environ:
+        if name.upper().startswith("INGESTD_"):
+            section = name[len("INGESTD_") :].split("__", 1)[0].lower()
+            if section not in sections:
+                raise ConfigError(
+                    f"unknown environment variable {name}: expected INGESTD_<SECTION>__<KEY> "
+                    f"with a section among {', '.join(sorted(sections))}"
+                )
 
 
 def _explain(exc: ValidationError, path: Path | None) -> str:
@@ -331,6 +352,7 @@ def masked(config: Config) -> dict[str, Any]:
         if isinstance(section, dict) and section.get("password"):
             section["password"] = MASK
     data["database"]["url"] = mask_url(config.database_url)
+    data["mqtt"]["url"] = mask_url(config.mqtt.url)
     data["daemon"]["state_dir"] = str(config.state_dir)
     return data
 

@@ -54,8 +54,9 @@ class HealthServer:
                 writer.write(
                     f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
                 )
+                if not head.startswith(b"HEAD "):
+                    writer.write(body)
                 await writer.drain()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # a client that went away or sent garbage gets nothing more

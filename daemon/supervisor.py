@@ -31,7 +31,7 @@ from agents.events import (
 )
 from agents.persistence import PersistenceAgent
 from agents.publisher import Publisher
-from agents.registry import DeviceRegistry, load_registry_file
+from agents.registry import DeviceRegistry, RegistryError, load_registry_file
 from agents.validation import ValidationAgent
 from daemon import __version__
 from daemon.config import Config
@@ -188,15 +188,19 @@ class Supervisor:
         await self._load_registry()
 
     async def _load_registry(self) -> None:
-        rows: list[dict[str, Any]] = []
+        """The registry file (invalid: fatal), then the devices table (invalid rows: logged)."""
         if self.config.ingest.registry_file is not None:
-            rows += load_registry_file(self.config.ingest.registry_file)
+            try:
+                self.registry.add(load_registry_file(self.config.ingest.registry_file))
+            except RegistryError as exc:
+                raise FatalError(str(exc)) from None
         if self.persistence.database_up:
             try:
-                rows += await self.writer.load_devices()  # type: ignore[attr-defined]
-            except StorageError as exc:
-                log.warning("devices table not read", extra={"error": str(exc)})
-        self.registry.add(rows)
+                table = DeviceRegistry(await self.writer.load_devices())  # type: ignore[attr-defined]
+            except (StorageError, RegistryError) as exc:
+                log.warning("devices table not used", extra={"error": str(exc)})
+            else:
+                self.registry.merge(table)
         self.metrics.registry_devices.set(len(self.registry))
 
     async def _supervise(self, agent: Agent) -> None:

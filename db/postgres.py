@@ -38,7 +38,8 @@ _INSERT_DUP_REJECTION = (
     "(SELECT 1 FROM rejected_messages WHERE topic = $2::text AND payload_sha256 = $4::text)"
 )
 # Errors about the data itself (SQLSTATE classes 22 and 23): retrying the same rows is futile.
-_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Text the driver cannot encode is the same kind of problem.
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError)
 
 
 class PostgresWriter:

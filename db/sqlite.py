@@ -39,7 +39,7 @@ _REJECTION_EXISTS = "SELECT 1 FROM rejected_messages WHERE topic = ? AND payload
 
 def sqlite_ts(ts: datetime) -> str:
     """The text form SQLAlchemy's DateTime uses on SQLite (UTC), so the ORM reads our rows."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 class SqliteWriter:
@@ -105,7 +105,12 @@ class SqliteWriter:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+        except (
+            sqlite3.IntegrityError,
+            sqlite3.DataError,
+            sqlite3.InterfaceError,
+            UnicodeError,
+        ) as exc:
             raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StorageError(f"{type(exc).__name__}: {exc}") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,9 @@ MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 64
 _MIN_EPOCH = 0.0  # 1970-01-01
 _MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = frozenset({"nan", "inf", "infinity"})
 
 
 class PayloadError(Exception):
@@ -107,10 +111,12 @@ def _decode_value(payload: bytes) -> float:
         raise PayloadError(NOT_UTF8, f"payload is not UTF-8 (byte {exc.start})") from None
     if not text:
         raise PayloadError(MISSING_VALUE, "empty payload: expected a number")
-    try:
-        value = float(text)
-    except ValueError:
-        raise PayloadError(BAD_TYPE, f"expected a bare number, got {text[:40]!r}") from None
+    if text.lower().lstrip("+-") in _NON_FINITE:
+        raise PayloadError(BAD_VALUE, f"value must be a finite number, got {text[:40]!r}")
+    # float() also takes "1_000" and non-ASCII digits; a device sends plain decimal text.
+    if not _DECIMAL.fullmatch(text):
+        raise PayloadError(BAD_TYPE, f"expected a bare number, got {text[:40]!r}")
+    value = float(text)
     if not math.isfinite(value):
         raise PayloadError(BAD_VALUE, f"value must be a finite number, got {text[:40]!r}")
     return value
@@ -188,12 +194,13 @@ def parse_ts(raw: Any, at: str = "") -> datetime:
             ts = datetime.fromisoformat(raw)
         except ValueError:
             ts = _lenient_iso(raw, at)
-        if ts.tzinfo is None:
-            return ts.replace(tzinfo=UTC)
         try:
-            return ts.astimezone(UTC)
+            ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
         except OverflowError:
             raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is out of range") from None
+        if ts < _EPOCH:
+            raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is before 1970")
+        return ts
     if type(raw) is bool or not isinstance(raw, int | float):
         raise PayloadError(
             BAD_TIMESTAMP, f"{at}ts must be ISO-8601 or epoch seconds, got {_kind(raw)}"
@@ -220,6 +227,11 @@ def _text(raw: Any, key: str, at: str, limit: int) -> str:
         raise PayloadError(BAD_TYPE, f"{at}{key} must be a string, got {_kind(raw)}")
     if not raw or len(raw) > limit or "\x00" in raw:
         raise PayloadError(BAD_VALUE, f"{at}{key} must be 1..{limit} characters without NUL")
+    if not raw.isascii():
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise PayloadError(BAD_VALUE, f"{at}{key} is not valid Unicode text") from None
     return raw
 
 
@@ -245,7 +257,7 @@ def _short(exc: BaseException) -> str:
 
 def format_ts(ts: datetime) -> str:
     """ISO-8601 UTC with microseconds and a Z, as the processed events carry it."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def encode_json(
