@@ -159,6 +159,7 @@ class MqttSource:
         # A new epoch before connecting: acks settled from here on for earlier messages
         # are discarded, never sent on the new connection.
         self.tracker.new_epoch()
+        self.bridge.begin_connection()
         try:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:

@@ -2,12 +2,16 @@
 
 aiomqtt has no manual acknowledgements, no way to stop reading the socket, and its
 message queue either grows without bound or discards when full. ingestd needs all
-three, so this module reaches into the paho client aiomqtt wraps:
+three, and the Python MQTT client is the throughput ceiling of the whole pipeline, so
+this module reaches into the paho client aiomqtt wraps:
 
-- ``manual_ack_set(True)`` before connecting, and ``ack()`` from the event-loop thread;
+- ``manual_ack_set(True)`` before connecting, and PUBACKs sent from the event-loop thread;
 - its own ``on_message`` callback (no queue hop, no silent discard);
-- its own socket reader, which it can remove and re-add to pause intake when the
-  in-flight window is full (TCP backpressure then reaches the broker).
+- its own socket reader, removed and re-added to pause intake when the in-flight window
+  is full (TCP backpressure then reaches the broker); it reads a bounded run of packets
+  per wake-up through a buffered socket (paho alone makes 3 ``recv`` calls per packet);
+- an outbox that coalesces PUBACKs and QoS 0 publishes into one write per loop turn
+  (paho alone makes a ``send`` and several objects per packet).
 
 Drop it piece by piece as aiomqtt grows these features; the version is pinned exactly.
 """
@@ -15,17 +19,53 @@ Drop it piece by piece as aiomqtt grows these features; the version is pinned ex
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 
-_MAX_OUT_PACKETS = 10_000
+_READ_CHUNK = 64 * 1024
+# Packets handled per wake-up before yielding to the other tasks (acks, writes, agents).
+_PACKETS_PER_TURN = 256
+# paho bounds queued QoS 1 messages (max_queued_messages) but not its outgoing packets.
+_MAX_OUTBOX_BYTES = 4 * 1024 * 1024
+
+
+class _BufferedSocket:
+    """Serves paho's small ``recv`` calls from one large read; delegates everything else."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._pos >= len(self._buffer):
+            self._buffer = self._sock.recv(_READ_CHUNK)  # raises BlockingIOError when empty
+            self._pos = 0
+            if not self._buffer:
+                return b""  # EOF: paho treats it as a lost connection
+        end = self._pos + size
+        chunk = self._buffer[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def buffered(self) -> int:
+        return len(self._buffer) - self._pos
+
+    def pending(self) -> int:
+        """What is readable without waiting for the socket (paho asks TLS sockets this)."""
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return self.buffered() + int(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class PahoBridge:
-    """Manual acks, direct message callbacks and pausable reads for one aiomqtt client."""
+    """Manual acks, direct message callbacks, pausable buffered reads and coalesced writes."""
 
     def __init__(
         self, client: aiomqtt.Client, on_message: Callable[[paho.MQTTMessage], None]
@@ -34,8 +74,13 @@ class PahoBridge:
         self._paho: paho.Client = client._client
         self._loop = asyncio.get_running_loop()
         self._fd = -1
+        self._sock: _BufferedSocket | None = None
         self._paused = False
         self._reading = False
+        self._outbox = bytearray()
+        self._flush_scheduled = False
+        self._generation = 0
+        self._v5 = False
         self._paho.manual_ack_set(True)
 
         def deliver(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
@@ -43,78 +88,134 @@ class PahoBridge:
 
         self._paho.on_message = deliver
 
-    # -- reads -----------------------------------------------------------------------------
+    # -- connection ------------------------------------------------------------------------
+
+    def begin_connection(self) -> None:
+        """Call before every connect: nothing buffered for an earlier connection is sent."""
+        self._generation += 1
+        self._outbox.clear()
 
     def take_over_reads(self) -> None:
-        """Replace aiomqtt's socket reader with ours; call right after each connect."""
-        sock = self._paho.socket()
-        if sock is None:
+        """Swap in the buffered socket and our reader; call right after each connect."""
+        raw = self._paho._sock
+        if raw is None:
             return
-        self._fd = sock.fileno()
+        self._sock = _BufferedSocket(raw)
+        self._paho._sock = self._sock
+        self._v5 = self._paho._protocol == paho.MQTTv5
+        self._fd = raw.fileno()
         self._loop.remove_reader(self._fd)
         self._reading = False
         if not self._paused:
             self._add_reader()
 
+    # -- reads -----------------------------------------------------------------------------
+
     def pause_reads(self) -> None:
         """Stop reading the socket: nothing more is delivered until ``resume_reads``."""
         self._paused = True
         if self._reading:
-            self._loop.remove_reader(self._fd)
+            # Once the socket is closed aiomqtt has removed the reader, and the fd number
+            # may already belong to another socket: leave it alone then.
+            if self._sock is not None and self._paho._sock is self._sock:
+                self._loop.remove_reader(self._fd)
             self._reading = False
 
     def resume_reads(self) -> None:
         self._paused = False
         if not self._reading:
             self._add_reader()
+            if self._reading and self._sock is not None and self._sock.buffered():
+                # Already read from the kernel: the fd may never become readable for these.
+                self._loop.call_soon(self._on_readable)
 
     @property
     def paused(self) -> bool:
         return self._paused
 
     def _add_reader(self) -> None:
-        sock = self._paho.socket()
         # After a disconnect aiomqtt removed the reader and the fd may be closed or reused.
-        if sock is None or sock.fileno() != self._fd or self._fd < 0:
+        if self._fd < 0 or self._sock is None or self._paho._sock is not self._sock:
             return
         self._loop.add_reader(self._fd, self._on_readable)
         self._reading = True
 
     def _on_readable(self) -> None:
+        paho_client, sock = self._paho, self._sock
         try:
-            while not self._paused:
-                self._paho.loop_read()
-                # TLS sockets may hold decoded bytes that select() does not report.
-                sock = self._paho.socket()
-                if not (hasattr(sock, "pending") and sock.pending() > 0):  # type: ignore[union-attr]
-                    break
+            for _ in range(_PACKETS_PER_TURN):
+                if self._paused or sock is None or paho_client._sock is not sock:
+                    return
+                rc = paho_client._packet_read()
+                if rc == paho.MQTT_ERR_AGAIN:
+                    return
+                if rc > 0:
+                    paho_client._loop_rc_handle(rc)  # closes the socket, reports the loss
+                    return
+            if not self._paused and sock is not None and sock.buffered():
+                self._loop.call_soon(self._on_readable)  # more already read: next turn
         except Exception as exc:  # noqa: BLE001 - any failure here means the connection is unusable
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        # Mirrors aiomqtt's own reader: an exception while reading ends the connection; the
+        # As aiomqtt's own reader does: an exception while reading ends the connection; the
         # unacknowledged messages are redelivered on the next one.
         disconnected: asyncio.Future[None] = self._client._disconnected
         if not disconnected.done():
             disconnected.set_exception(aiomqtt.MqttError(f"read failed: {exc!r}"))
-        self._paho.disconnect()
+        self._paho._sock_close()
 
-    # -- acks, publishing, state -----------------------------------------------------------
+    # -- writes ----------------------------------------------------------------------------
 
     def ack(self, mid: int, qos: int) -> bool:
-        """Send the PUBACK for ``mid``; False when there is no connection to send it on."""
-        if not self._paho.is_connected():
-            return False
-        return self._paho.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+        """Queue the PUBACK for ``mid``; False when there is no connection to send it on."""
+        if qos != 1 or not self._paho.is_connected():
+            return qos == 0
+        # PUBACK: type 4, remaining length 2, packet id (v5 allows omitting the reason code).
+        self._queue(b"\x40\x02" + mid.to_bytes(2, "big"))
+        return True
 
     def publish_nowait(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         """Queue a publish without awaiting the broker; False when it could not be queued."""
-        # paho bounds queued QoS 1 messages (max_queued_messages) but not outgoing packets:
-        # QoS 0 events would pile up there without limit if the broker stopped reading.
-        if not self._paho.is_connected() or len(self._paho._out_packet) >= _MAX_OUT_PACKETS:
+        if not self._paho.is_connected():
             return False
+        if qos == 0:
+            if len(self._outbox) >= _MAX_OUTBOX_BYTES:
+                return False
+            self._queue(_publish_qos0(topic, payload, retain, self._v5))
+            return True
         info = self._paho.publish(topic, payload, qos, retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def _queue(self, packet: bytes) -> None:
+        self._outbox += packet
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush, self._generation)
+
+    def _flush(self, generation: int) -> None:
+        """Hand everything queued this turn to paho as one outgoing packet, one write."""
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        data, self._outbox = bytes(self._outbox), bytearray()
+        if generation != self._generation or not self._paho.is_connected():
+            return  # an earlier connection's acks must never reach a new one
+        # Command 0 is no MQTT packet type: paho writes the bytes and runs no callbacks.
+        self._paho._out_packet.append(
+            {
+                "command": 0,
+                "mid": 0,
+                "qos": 0,
+                "pos": 0,
+                "to_process": len(data),
+                "packet": data,
+                "info": None,
+            }
+        )
+        self._paho.loop_write()
+
+    # -- state -----------------------------------------------------------------------------
 
     def connected(self) -> bool:
         return bool(self._paho.is_connected())
@@ -122,3 +223,19 @@ class PahoBridge:
     async def wait_disconnected(self) -> None:
         """Return (or raise aiomqtt's error) when the current connection ends."""
         await asyncio.shield(self._client._disconnected)
+
+
+def _publish_qos0(topic: str, payload: bytes, retain: bool, v5: bool) -> bytes:
+    """A complete QoS 0 PUBLISH packet."""
+    name = topic.encode()
+    body = struct.pack("!H", len(name)) + name + (b"\x00" if v5 else b"") + payload
+    return bytes((0x30 | retain,)) + _remaining_length(len(body)) + body
+
+
+def _remaining_length(length: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes(out)
