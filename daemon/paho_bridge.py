@@ -47,9 +47,8 @@ class _BufferedSocket:
             self._pos = 0
             if not self._buffer:
                 return b""  # EOF: paho treats it as a lost connection
-        end = self._pos + size
-        chunk = self._buffer[self._pos : end]
-        self._pos = end
+        chunk = self._buffer[self._pos : self._pos + size]
+        self._pos += len(chunk)
         return chunk
 
     def buffered(self) -> int:
@@ -94,6 +93,7 @@ class PahoBridge:
         """Call before every connect: nothing buffered for an earlier connection is sent."""
         self._generation += 1
         self._outbox.clear()
+        self._flush_scheduled = False  # a flush still scheduled belongs to the old generation
 
     def take_over_reads(self) -> None:
         """Swap in the buffered socket and our reader; call right after each connect."""
@@ -195,12 +195,12 @@ class PahoBridge:
 
     def _flush(self, generation: int) -> None:
         """Hand everything queued this turn to paho as one outgoing packet, one write."""
+        if generation != self._generation:
+            return  # scheduled for an earlier connection, whose bytes were already dropped
         self._flush_scheduled = False
-        if not self._outbox:
-            return
         data, self._outbox = bytes(self._outbox), bytearray()
-        if generation != self._generation or not self._paho.is_connected():
-            return  # an earlier connection's acks must never reach a new one
+        if not data or not self._paho.is_connected():
+            return
         # Command 0 is no MQTT packet type: paho writes the bytes and runs no callbacks.
         self._paho._out_packet.append(
             {
