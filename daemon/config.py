@@ -166,9 +166,6 @@ class DatabaseConfig(Section):
     url: str | None = Field(default=None, description="postgresql://... or sqlite:///path")
     password_file: Path | None = None
     batch_size: int = Field(default=1000, ge=1, le=100_000)
-    # Flush when the batch is full or the inbox runs empty; this is only the longest a
-    # reading waits while messages keep trickling in.
-    flush_interval_seconds: float = Field(default=0.05, gt=0, le=10)
     command_timeout_seconds: float = Field(default=15.0, gt=0)
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
 
