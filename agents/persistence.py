@@ -8,17 +8,13 @@ client hold only 20 unacknowledged messages).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    retry_if_not_exception_type,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from agents.base import Agent
 from agents.bus import Bus, Inbox
@@ -30,7 +26,8 @@ from agents.events import (
     RejectionsStored,
 )
 from daemon.metrics import Metrics
-from db.writer import RowRejected, StorageError, Writer, WriteResult
+from db.spool import Spool, SpoolError
+from db.writer import RowRejected, StorageError, Writer, WriteResult, reading_row, rejection_row
 from edge.codecs import STORAGE_REJECTED, Reading
 
 log = logging.getLogger("ingestd.persistence")
@@ -38,8 +35,17 @@ log = logging.getLogger("ingestd.persistence")
 Item = EnrichedMessage | RejectedMessage
 
 
+class NotDurableError(Exception):
+    """Neither the database nor the spool took the batch: wait and try again."""
+
+
 class PersistenceAgent(Agent):
-    """Stores each batch in one transaction; a message settles once its outcome is committed."""
+    """Stores each batch in one transaction; a message settles once its outcome is durable.
+
+    Durable means committed to the database or, while the database is away, written to the
+    local spool (when there is one: PostgreSQL). While neither takes a batch, it waits with
+    backoff and its messages stay unacknowledged, so intake pauses and the broker keeps the rest.
+    """
 
     name = "persistence"
 
@@ -51,26 +57,50 @@ class PersistenceAgent(Agent):
         writer: Writer,
         settle: Callable[[list[int]], None],
         batch_size: int,
+        *,
+        spool: Spool | None = None,
+        max_payload_bytes: int = 64 * 1024,
         retry_max_seconds: float = 10.0,
     ) -> None:
         super().__init__(bus, metrics, inbox)
         self.writer = writer
+        self.spool = spool
         self._settle_acks = settle
         self.batch_limit = batch_size
+        self._max_payload_bytes = max_payload_bytes
         self._retry_max_seconds = retry_max_seconds
         self.database_up = False
+        self.spool_full = False
+        self.spooled = asyncio.Event()  # wakes the drainer
+
+    # -- database state, shared with the drainer -------------------------------------------
+
+    def mark_up(self) -> None:
+        if not self.database_up:
+            self.database_up = True
+            self.metrics.database_up.set(1)
+            log.info("database writable")
+
+    def mark_down(self, error: BaseException) -> None:
+        self.metrics.database_errors.labels(type(error.__cause__ or error).__name__).inc()
+        if self.database_up:
+            self.metrics.database_outages.inc()
+            where = "spooling" if self.spool is not None else "retrying"
+            log.warning(f"database unavailable, {where}", extra={"error": str(error)})
+        self.database_up = False
+        self.metrics.database_up.set(0)
+
+    # -- storing ---------------------------------------------------------------------------
 
     async def handle(self, batch: list[Item]) -> None:
         try:
-            result = await self._write_retrying(batch)
+            await self._store(batch)
         except RowRejected as exc:
             # Something in the batch is unacceptable to the database: find it by storing
             # each message alone, and store the culprits as rejections instead.
             log.warning("batch refused by the database, isolating", extra={"error": str(exc)})
             for item in batch:
                 await self._store_alone(item)
-            return
-        await self._settle(batch, result)
 
     async def recover(self, held: list[Item]) -> None:
         for item in held:
@@ -78,13 +108,14 @@ class PersistenceAgent(Agent):
 
     async def _store_alone(self, item: Item) -> None:
         try:
-            result = await self._write_retrying([item])
+            await self._store([item])
         except RowRejected as exc:
-            item = RejectedMessage(item.message, STORAGE_REJECTED, str(exc)[:500], _device(item))
-            result = await self._write_retrying([item])
-        await self._settle([item], result)
+            rejected = RejectedMessage(
+                item.message, STORAGE_REJECTED, str(exc)[:500], _device(item)
+            )
+            await self._store([rejected])
 
-    async def _write_retrying(self, batch: list[Item]) -> WriteResult:
+    async def _store(self, batch: list[Item]) -> None:
         readings: list[tuple[Reading, RawMessage]] = []
         rejections: list[RejectedMessage] = []
         for item in batch:
@@ -93,34 +124,73 @@ class PersistenceAgent(Agent):
                 readings.extend((reading, message) for reading in item.readings)
             else:
                 rejections.append(item)  # type: ignore[arg-type]
-        # Until the store-and-forward spool exists, an unreachable database is waited out:
-        # intake pauses when the in-flight window fills, and the broker keeps the rest.
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(StorageError) & retry_if_not_exception_type(RowRejected),
+            retry=retry_if_exception_type(NotDurableError),
             wait=wait_random_exponential(multiplier=0.2, max=self._retry_max_seconds),
-            before_sleep=self._on_retry,
+            before_sleep=self._waiting,
             reraise=True,
         )
-        started = time.monotonic()
         async for attempt in retrying:
             with attempt:
-                result = await self.writer.write(readings, rejections)
-        self.metrics.write_seconds.observe(time.monotonic() - started)
-        self.metrics.batch_size.observe(len(readings))
-        if not self.database_up:
-            self.database_up = True
-            self.metrics.database_up.set(1)
-            log.info("database writable")
-        return result
+                result = await self._store_once(readings, rejections)
+        if result is None:
+            await self._settle_spooled(batch)
+        else:
+            await self._settle(batch, result)
 
-    def _on_retry(self, state: Any) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        self.metrics.database_errors.labels(type(error).__name__).inc()
-        if self.database_up or state.attempt_number == 1:
-            log.warning("database write failed, retrying", extra={"error": str(error)})
-        self.database_up = False
-        self.metrics.database_up.set(0)
+    async def _store_once(
+        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+    ) -> WriteResult | None:
+        """Commit to the database (a WriteResult), or spool (None), or raise NotDurableError."""
+        if self.database_up or self.spool is None:
+            started = time.monotonic()
+            try:
+                result = await self.writer.write(readings, rejections)
+            except RowRejected:
+                raise
+            except StorageError as exc:
+                self.mark_down(exc)
+                if self.spool is None:
+                    raise NotDurableError(str(exc)) from exc
+            else:
+                self.mark_up()
+                self.metrics.write_seconds.observe(time.monotonic() - started)
+                self.metrics.batch_size.observe(len(readings))
+                return result
+        assert self.spool is not None
+        try:
+            await self.spool.put(
+                [reading_row(reading, message) for reading, message in readings],
+                [(rejection_row(r, self._max_payload_bytes), r.message.dup) for r in rejections],
+            )
+        except SpoolError as exc:
+            if not self.spool_full:
+                self.spool_full = True
+                self.metrics.spool_full.set(1)
+                log.error("spool full: acknowledgements withheld", extra={"error": str(exc)})  # noqa: TRY400
+            raise NotDurableError(str(exc)) from exc
+        if self.spool_full:
+            self.spool_full = False
+            self.metrics.spool_full.set(0)
+            log.info("spool has room again")
+        self.spooled.set()
+        return None
+
+    def _waiting(self, _state: Any) -> None:
         self.last_progress = time.monotonic()  # waiting out an outage is not a stall
+
+    async def _settle_spooled(self, batch: list[Item]) -> None:
+        """Spooled is durable: acknowledge; processed events follow when the drainer replays."""
+        now = time.monotonic()
+        rejections: list[RejectedMessage] = []
+        for item in batch:
+            if type(item) is RejectedMessage:
+                rejections.append(item)
+                self.metrics.rejected.labels(item.reason).inc()
+            self.metrics.end_to_end_seconds.observe(now - item.message.received_mono)
+        self._settle_acks([item.message.seq for item in batch])
+        if rejections:
+            await self.bus.publish(RejectionsStored(rejections))
 
     async def _settle(self, batch: list[Item], result: WriteResult) -> None:
         stored: list[tuple[Reading, RawMessage]] = []

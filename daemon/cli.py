@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
             help="TOML file (default /etc/ingestd/ingestd.toml if present)",
         )
 
+    spool = command("spool", _spool_stats, "the store-and-forward spool")
+    spool_commands = spool.add_subparsers(dest="spool_command", metavar="COMMAND", required=True)
+    stats = spool_commands.add_parser("stats", help="print what waits in the spool (JSON)")
+    stats.add_argument("-c", "--config", type=Path, help="TOML file")
+
     from edge import simulator  # noqa: PLC0415 - keeps `ingestd run` from importing the simulator
 
     simulator.add_arguments(
@@ -88,6 +94,31 @@ def _check_config(args: argparse.Namespace) -> int:
             print(f"ingestd: {exc}", file=sys.stderr)
             return 1
     sys.stdout.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _spool_stats(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 1
+    from db.spool import read_stats  # noqa: PLC0415
+
+    path = config.spool_path
+    try:
+        stats = read_stats(path)
+    except sqlite3.Error as exc:
+        print(f"ingestd: cannot read the spool {path}: {exc}", file=sys.stderr)
+        return 1
+    report = {
+        "path": str(path),
+        "readings": stats.readings,
+        "rejections": stats.rejections,
+        "batches": stats.batches,
+        "bytes": stats.bytes,
+        "max_bytes": config.spool.max_bytes,
+        "oldest_age_seconds": round(stats.oldest_age(), 3),
+    }
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
 

@@ -196,6 +196,13 @@ class DatabaseConfig(Section):
         return self
 
 
+class SpoolConfig(Section):
+    """The local store-and-forward spool used while PostgreSQL is unreachable."""
+
+    max_bytes: int = Field(default=1024**3, ge=4096)
+    path: Path | None = Field(default=None, description="default: spool.db in the state dir")
+
+
 class PublishConfig(Section):
     prefix: str = "ingestd"
     processed: bool = True
@@ -254,6 +261,7 @@ class Config(BaseSettings):
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()
     database: DatabaseConfig = DatabaseConfig()
+    spool: SpoolConfig = SpoolConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
@@ -289,6 +297,10 @@ class Config(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.state_dir / 'ingestd.db').absolute()}"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool.path or self.state_dir / "spool.db"
 
     @property
     def subscriptions(self) -> list[str]:

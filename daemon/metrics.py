@@ -41,13 +41,18 @@ class _HotCounters(Collector):
             "PUBACKs released to the broker after the outcome was durable.",
             value=m.acks_sent,
         )
+        yield CounterMetricFamily(
+            "ingestd_spool_corrupt",
+            "Spool files (or records) found unreadable and moved aside.",
+            value=m.spool_corrupt(),
+        )
         gauges = (
-            (
-                "ingestd_inflight_messages",
-                "Messages received and not yet acknowledged.",
-                m.inflight,
-            ),
+            ("ingestd_inflight_messages", "Messages received, not yet acknowledged.", m.inflight),
             ("ingestd_inflight_window", "The in-flight window ingestd enforces.", m.window),
+            ("ingestd_spool_bytes", "Bytes of batches waiting in the spool.", m.spool_bytes),
+            ("ingestd_spool_readings", "Readings waiting in the spool.", m.spool_readings),
+            ("ingestd_spool_rejections", "Rejections waiting in the spool.", m.spool_rejections),
+            ("ingestd_spool_oldest_age_seconds", "Age of the oldest spooled batch.", m.spool_age),
         )
         for name, text, probe in gauges:
             yield GaugeMetricFamily(name, text, value=probe())
@@ -64,6 +69,11 @@ class Metrics:
         self.acks_sent = 0
         self.inflight: Callable[[], float] = lambda: 0
         self.window: Callable[[], float] = lambda: 0
+        self.spool_bytes: Callable[[], float] = lambda: 0
+        self.spool_readings: Callable[[], float] = lambda: 0
+        self.spool_rejections: Callable[[], float] = lambda: 0
+        self.spool_age: Callable[[], float] = lambda: 0
+        self.spool_corrupt: Callable[[], float] = lambda: 0
         registry.register(_HotCounters(self))
 
         def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -123,8 +133,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.database_up = gauge(
-            "ingestd_database_up", "1 while the last database write succeeded."
+        self.database_up = gauge("ingestd_database_up", "1 while the database takes writes.")
+        self.database_outages = counter(
+            "ingestd_database_outages_total", "Times the database became unreachable or failing."
+        )
+        self.spool_replayed = counter(
+            "ingestd_spool_replayed_total", "Spooled readings written to the database."
+        )
+        self.spool_full = gauge(
+            "ingestd_spool_full", "1 while the spool has no room: acknowledgements are withheld."
         )
         self.database_errors = counter(
             "ingestd_database_errors_total", "Failed database operations, by kind.", ("kind",)

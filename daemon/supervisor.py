@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from agents.base import Agent
 from agents.bus import Bus
+from agents.drainer import SpoolDrainer
 from agents.enrichment import EnrichmentAgent
 from agents.events import (
     EnrichedMessage,
@@ -40,6 +41,7 @@ from daemon.metrics import Metrics
 from daemon.mqtt import MqttSource
 from daemon.sdnotify import Notifier, watchdog_interval
 from db.postgres import PostgresWriter
+from db.spool import Spool
 from db.sqlite import SqliteWriter
 from db.writer import StorageError, Writer
 
@@ -85,6 +87,13 @@ class Supervisor:
         self.source = MqttSource(config, raw_inbox, self.metrics)
         self.writer = build_writer(config)
         self.registry = DeviceRegistry()
+        # Store and forward is for a database across a network; the embedded SQLite file is
+        # as local as a spool would be.
+        self.spool = (
+            Spool(config.spool_path, config.spool.max_bytes)
+            if isinstance(self.writer, PostgresWriter)
+            else None
+        )
         self.persistence = PersistenceAgent(
             self.bus,
             self.metrics,
@@ -92,6 +101,8 @@ class Supervisor:
             self.writer,
             self.source.tracker.settle,
             config.database.batch_size,
+            spool=self.spool,
+            max_payload_bytes=config.ingest.max_payload_bytes,
         )
         self.agents: list[Agent] = [
             ValidationAgent(
@@ -107,6 +118,13 @@ class Supervisor:
                 max_payload_bytes=config.ingest.max_payload_bytes,
             ),
         ]  # fmt: skip
+        self.drainer: SpoolDrainer | None = None
+        if self.spool is not None:
+            assert isinstance(self.writer, PostgresWriter)
+            self.drainer = SpoolDrainer(
+                self.spool, self.writer, self.persistence, self.bus, self.metrics
+            )
+            self._export_spool(self.spool)
         self.http = HealthServer(
             config.metrics.host, config.metrics.port, self.metrics.registry, self.not_ready_reason
         )
@@ -115,6 +133,18 @@ class Supervisor:
         self.started = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._watchdog_task: asyncio.Task[None] | None = None
+
+    def _export_spool(self, spool: Spool) -> None:
+        self.metrics.spool_bytes = lambda: spool.stats.bytes
+        self.metrics.spool_readings = lambda: spool.stats.readings
+        self.metrics.spool_rejections = lambda: spool.stats.rejections
+        self.metrics.spool_age = spool.stats_age
+        self.metrics.spool_corrupt = lambda: spool.corrupt_files
+
+    @property
+    def services(self) -> list[Agent | SpoolDrainer]:
+        """Everything the supervisor runs and restarts: the agents and the spool drainer."""
+        return [*self.agents, *([self.drainer] if self.drainer else [])]
 
     # -- health ----------------------------------------------------------------------------
 
@@ -127,7 +157,10 @@ class Supervisor:
         if self.source.subscription_problem:
             return self.source.subscription_problem
         if not self.persistence.database_up:
-            return "database unavailable"
+            if self.spool is None:
+                return "database unavailable"
+            if self.persistence.spool_full:
+                return "database unavailable and the spool is full"
         return None
 
     def live(self) -> bool:
@@ -136,7 +169,7 @@ class Supervisor:
         timeout = self.config.daemon.stall_timeout_seconds
         if any(task.done() for task in self._tasks.values()):
             return False
-        return not any(agent.stalled(now, timeout) for agent in self.agents)
+        return not any(service.stalled(now, timeout) for service in self.services)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -157,9 +190,9 @@ class Supervisor:
             await self._start()
             async with asyncio.TaskGroup() as group:
                 self._tasks["mqtt"] = group.create_task(self.source.run(), name="mqtt")
-                for agent in self.agents:
-                    self._tasks[agent.name] = group.create_task(
-                        self._supervise(agent), name=agent.name
+                for service in self.services:
+                    self._tasks[service.name] = group.create_task(
+                        self._supervise(service), name=service.name
                     )
                 self._watchdog_task = group.create_task(self._watchdog(), name="watchdog")
                 self.notifier.ready(f"consuming {', '.join(self.config.subscriptions)}")
@@ -177,6 +210,10 @@ class Supervisor:
 
     async def _start(self) -> None:
         await self.http.start()
+        if self.spool is not None:
+            await self.spool.open()
+            if self.spool.stats.batches:
+                log.info("spool holds a backlog", extra={"readings": self.spool.stats.readings})
         try:
             await self.writer.start()
             self.persistence.database_up = True
@@ -203,7 +240,7 @@ class Supervisor:
                 self.registry.merge(table)
         self.metrics.registry_devices.set(len(self.registry))
 
-    async def _supervise(self, agent: Agent) -> None:
+    async def _supervise(self, agent: Agent | SpoolDrainer) -> None:
         crashes: deque[float] = deque()
         alive = self.metrics.agent_alive.labels(agent.name)
         while True:
@@ -260,6 +297,8 @@ class Supervisor:
     async def _close(self) -> None:
         try:
             await self.writer.close()
+            if self.spool is not None:
+                await self.spool.close()
         finally:
             await self.http.close()
             self.notifier.close()

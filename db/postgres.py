@@ -16,6 +16,7 @@ from agents.events import RawMessage, RejectedMessage
 from db.writer import (
     READING_COLUMNS,
     REJECTION_COLUMNS,
+    Row,
     RowRejected,
     StorageError,
     WriteResult,
@@ -69,7 +70,7 @@ class PostgresWriter:
             async with asyncio.timeout(self._connect_timeout + 1):
                 self._pool = await asyncpg.create_pool(
                     self._url,
-                    min_size=1,
+                    min_size=0,  # no background reconnects (and tracebacks) during an outage
                     max_size=self._pool_size,
                     timeout=self._connect_timeout,
                     command_timeout=self._command_timeout,
@@ -81,10 +82,19 @@ class PostgresWriter:
     async def write(
         self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
     ) -> WriteResult:
+        return await self.write_rows(
+            [reading_row(reading, message) for reading, message in readings],
+            [(rejection_row(r, self._max_payload_bytes), r.message.dup) for r in rejections],
+        )
+
+    async def write_rows(
+        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]
+    ) -> WriteResult:
+        """Store rows in one transaction; ``new`` tells which reading rows were not stored yet."""
         await self.start()
         try:
             async with asyncio.timeout(self._command_timeout):
-                return await self._write(readings, rejections)
+                return await self._write(reading_rows, rejection_rows)
         except _DATA_ERRORS as exc:
             raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -93,40 +103,43 @@ class PostgresWriter:
             raise StorageError(f"{type(exc).__name__}: {exc}") from exc
 
     async def _write(
-        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]
     ) -> WriteResult:
         new: list[bool] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            if readings:
+            if reading_rows:
                 await conn.copy_records_to_table(
-                    "ingestd_staging",
-                    records=[reading_row(reading, message) for reading, message in readings],
-                    columns=READING_COLUMNS,
+                    "ingestd_staging", records=reading_rows, columns=READING_COLUMNS
                 )
                 inserted = {tuple(row) for row in await conn.fetch(_INSERT_READINGS)}
-                for reading, _ in readings:
-                    key = (reading.device_id, reading.sensor_id, reading.ts)
+                for row in reading_rows:
+                    key = (row[0], row[1], row[2])
                     if key in inserted:
                         inserted.discard(key)  # a second copy within the batch is a duplicate
                         new.append(True)
                     else:
                         new.append(False)
-            stored = 0
-            fresh = [r for r in rejections if not r.message.dup]
+            fresh = [row for row, dup in rejection_rows if not dup]
             if fresh:
                 await conn.copy_records_to_table(
-                    "rejected_messages",
-                    records=[rejection_row(r, self._max_payload_bytes) for r in fresh],
-                    columns=REJECTION_COLUMNS,
+                    "rejected_messages", records=fresh, columns=REJECTION_COLUMNS
                 )
-                stored += len(fresh)
-            for rejection in rejections:
-                if rejection.message.dup:
-                    status = await conn.execute(
-                        _INSERT_DUP_REJECTION, *rejection_row(rejection, self._max_payload_bytes)
-                    )
+            stored = len(fresh)
+            for row, dup in rejection_rows:
+                if dup:
+                    status = await conn.execute(_INSERT_DUP_REJECTION, *row)
                     stored += int(status.rsplit(" ", 1)[-1])
         return WriteResult(new, stored)
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers a trivial query in time."""
+        await self.start()
+        try:
+            async with asyncio.timeout(self._command_timeout), self._pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self._reset()
+            raise StorageError(f"{type(exc).__name__}: {exc}") from exc
 
     async def load_devices(self) -> list[dict[str, Any]]:
         """Registry rows of the ``devices`` table."""

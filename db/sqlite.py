@@ -7,14 +7,13 @@ survives a power cut, not only a process kill.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agents.events import RawMessage, RejectedMessage
+from db.thread import DedicatedThread
 from db.writer import (
     READING_COLUMNS,
     REJECTION_COLUMNS,
@@ -49,14 +48,11 @@ class SqliteWriter:
         self._path = path
         self._max_payload_bytes = max_payload_bytes
         self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingestd-sqlite")
+        self._thread = DedicatedThread("ingestd-sqlite")
         self._conn: sqlite3.Connection | None = None
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def start(self) -> None:
-        await self._call(self._open)
+        await self._thread.call(self._open)
 
     def _open(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -81,7 +77,7 @@ class SqliteWriter:
         rejection_rows = [
             (_sqlite_rejection(r, self._max_payload_bytes), r.message.dup) for r in rejections
         ]
-        result: WriteResult = await self._call(self._write, reading_rows, rejection_rows)
+        result: WriteResult = await self._thread.call(self._write, reading_rows, rejection_rows)
         return result
 
     def _write(
@@ -126,7 +122,7 @@ class SqliteWriter:
             names = [column[0] for column in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-        rows: list[dict[str, Any]] = await self._call(load)
+        rows: list[dict[str, Any]] = await self._thread.call(load)
         return rows
 
     async def close(self) -> None:
@@ -135,8 +131,8 @@ class SqliteWriter:
                 self._conn.close()
                 self._conn = None
 
-        await self._call(close)
-        self._executor.shutdown(wait=True)
+        await self._thread.call(close)
+        self._thread.close()
 
 
 def _sqlite_reading(reading: Reading, message: RawMessage) -> tuple[Any, ...]:

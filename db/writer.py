@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from agents.events import RawMessage, RejectedMessage
 from edge.codecs import Reading
@@ -17,6 +17,9 @@ REJECTION_COLUMNS = (
     "received_at", "topic", "payload", "payload_sha256", "payload_size", "reason", "error",
     "device_id", "correlation_id",
 )  # fmt: skip
+
+
+Row = tuple[object, ...]
 
 
 class StorageError(Exception):
@@ -47,7 +50,7 @@ class Writer(Protocol):
     async def close(self) -> None: ...
 
 
-def reading_row(reading: Reading, message: RawMessage) -> tuple[object, ...]:
+def reading_row(reading: Reading, message: RawMessage) -> Row:
     return (
         reading.device_id, reading.sensor_id, reading.ts, reading.value, reading.unit,
         reading.quality, reading.seq, reading.site, reading.area, reading.line, reading.asset,
@@ -55,7 +58,7 @@ def reading_row(reading: Reading, message: RawMessage) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> tuple[object, ...]:
+def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> Row:
     message = rejection.message
     return (
         message.received_at,
@@ -68,3 +71,11 @@ def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> tuple[o
         rejection.device_id,
         message.correlation_id,
     )
+
+
+def reading_from_row(row: Row) -> tuple[Reading, RawMessage]:
+    """A stored row as the reading and message the Publisher's processed events describe."""
+    fields: Any = row  # the column order of READING_COLUMNS
+    reading = Reading(*fields[:12])
+    message = RawMessage(-1, "", b"", 0, fields[12], 0.0, fields[13])
+    return reading, message

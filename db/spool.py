@@ -1,0 +1,277 @@
+"""The local store-and-forward spool: batches the database could not take, kept on disk.
+
+A SQLite file in the state directory (WAL, ``synchronous=FULL``): once ``put`` returns, the
+batch survives a crash or a power cut, so its messages may be acknowledged. It is bounded
+by ``max_bytes``; a full spool (or a full disk) raises ``SpoolFull`` and the caller stops
+acknowledging. A file that cannot be read is moved aside and a new one started.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from db.thread import DedicatedThread
+from db.writer import Row
+
+log = logging.getLogger("ingestd.spool")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    readings INTEGER NOT NULL,
+    rejections INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine AS SELECT * FROM batches WHERE 0
+"""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class SpoolError(Exception):
+    """The spool cannot take a batch right now."""
+
+
+class SpoolFull(SpoolError):
+    """No room: ``max_bytes`` reached, or the disk is full."""
+
+
+@dataclass(slots=True)
+class SpooledBatch:
+    """One batch as it was spooled, in the writers' row shapes."""
+
+    id: int
+    reading_rows: list[Row]
+    rejection_rows: list[tuple[Row, bool]]
+
+
+@dataclass(slots=True)
+class SpoolStats:
+    readings: int = 0
+    rejections: int = 0
+    bytes: int = 0
+    batches: int = 0
+    oldest_created_at: float | None = None
+
+    def oldest_age(self, now: float | None = None) -> float:
+        if self.oldest_created_at is None:
+            return 0.0
+        return max(0.0, (now or time.time()) - self.oldest_created_at)
+
+
+class Spool:
+    """Size-bounded, crash-safe FIFO of batches on local disk."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.stats = SpoolStats()
+        self.corrupt_files = 0
+        self._thread = DedicatedThread("ingestd-spool")
+        self._conn: sqlite3.Connection | None = None
+
+    def stats_age(self) -> float:
+        """Seconds since the oldest waiting batch was spooled (0 when empty)."""
+        return self.stats.oldest_age()
+
+    async def open(self) -> None:
+        await self._thread.call(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = _connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            self._conn = _connect(self.path)
+        self._load_stats()
+
+    def _move_aside(self, exc: Exception) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                source.rename(Path(f"{target}{suffix}"))
+        self.corrupt_files += 1
+        log.error(
+            "spool file unreadable, moved aside", extra={"file": str(target), "error": str(exc)}
+        )
+
+    def _load_stats(self) -> None:
+        assert self._conn is not None
+        row = self._conn.execute(
+            "SELECT coalesce(sum(readings), 0), coalesce(sum(rejections), 0),"
+            " coalesce(sum(bytes), 0), count(*), min(created_at) FROM batches"
+        ).fetchone()
+        self.stats = SpoolStats(*row)
+
+    async def put(self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]) -> None:
+        """Store a batch durably; raises ``SpoolFull`` when there is no room for it."""
+        body = _encode(reading_rows, rejection_rows)
+        if self.stats.bytes + len(body) > self.max_bytes:
+            raise SpoolFull(f"spool holds {self.stats.bytes} bytes, the limit is {self.max_bytes}")
+        await self._thread.call(self._put, body, len(reading_rows), len(rejection_rows))
+
+    def _put(self, body: bytes, readings: int, rejections: int) -> None:
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        now = time.time()
+        try:  # one autocommitted statement: atomic and, with synchronous=FULL, durable
+            self._conn.execute(
+                "INSERT INTO batches (created_at, readings, rejections, bytes, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (now, readings, rejections, len(body), body),
+            )
+        except sqlite3.OperationalError as exc:  # "database or disk is full", I/O errors
+            raise SpoolFull(f"cannot write the spool: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            self._conn = None
+            self._move_aside(exc)
+            raise SpoolError(f"spool file was unreadable and was replaced: {exc}") from exc
+        stats = self.stats
+        stats.readings += readings
+        stats.rejections += rejections
+        stats.bytes += len(body)
+        stats.batches += 1
+        if stats.oldest_created_at is None:
+            stats.oldest_created_at = now
+
+    async def oldest(self) -> SpooledBatch | None:
+        """The oldest batch, or None when the spool is empty."""
+        return await self._thread.call(self._oldest)
+
+    def _oldest(self) -> SpooledBatch | None:
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        try:
+            row = self._conn.execute("SELECT id, body FROM batches ORDER BY id LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            self._conn = None
+            self._move_aside(exc)
+            self._open()
+            return None
+        if row is None:
+            return None
+        batch_id, body = row
+        try:
+            readings, rejections = _decode(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            # One unreadable record must not block everything behind it; it is kept aside.
+            log.error(  # noqa: TRY400 - corrupt data, not a bug in the code
+                "unreadable spooled batch quarantined", extra={"batch": batch_id, "error": str(exc)}
+            )
+            self._conn.execute(
+                "INSERT INTO quarantine SELECT * FROM batches WHERE id = ?", (batch_id,)
+            )
+            self._delete(batch_id)
+            self.corrupt_files += 1
+            return self._oldest()
+        return SpooledBatch(batch_id, readings, rejections)
+
+    async def delete(self, batch_id: int) -> None:
+        await self._thread.call(self._delete, batch_id)
+
+    def _delete(self, batch_id: int) -> None:
+        assert self._conn is not None
+        row = self._conn.execute(
+            "DELETE FROM batches WHERE id = ? RETURNING readings, rejections, bytes", (batch_id,)
+        ).fetchone()
+        if row is None:
+            return
+        stats = self.stats
+        stats.readings -= row[0]
+        stats.rejections -= row[1]
+        stats.bytes -= row[2]
+        stats.batches -= 1
+        head = self._conn.execute("SELECT created_at FROM batches ORDER BY id LIMIT 1").fetchone()
+        stats.oldest_created_at = head[0] if head else None
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._thread.call(close)
+        self._thread.close()
+
+
+def read_stats(path: Path) -> SpoolStats:
+    """What waits in a spool file, read without opening it for writing (``ingestd spool stats``)."""
+    if not path.exists():
+        return SpoolStats()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT coalesce(sum(readings), 0), coalesce(sum(rejections), 0),"
+            " coalesce(sum(bytes), 0), count(*), min(created_at) FROM batches"
+        ).fetchone()
+    except sqlite3.OperationalError:  # no table yet
+        return SpoolStats()
+    finally:
+        conn.close()
+    return SpoolStats(*row)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        _check(conn)
+        conn.executescript(_SCHEMA)
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise
+    return conn
+
+
+def _check(conn: sqlite3.Connection) -> None:
+    verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if verdict != "ok":
+        raise sqlite3.DatabaseError(f"quick_check: {verdict}")
+
+
+# Rows hold datetimes and bytes: stored as epoch microseconds and base64 in JSON.
+
+
+def _us(ts: object) -> int:
+    assert isinstance(ts, datetime)
+    delta = ts - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _ts(us: int) -> datetime:
+    return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+
+
+def _encode(reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]) -> bytes:
+    readings = [[*row[:2], _us(row[2]), *row[3:12], _us(row[12]), row[13]] for row in reading_rows]
+    rejections = [
+        [_us(row[0]), row[1], base64.b64encode(row[2]).decode(), *row[3:], dup]  # type: ignore[arg-type]
+        for row, dup in rejection_rows
+    ]
+    return orjson.dumps({"r": readings, "j": rejections})
+
+
+def _decode(body: bytes) -> tuple[list[Row], list[tuple[Row, bool]]]:
+    document = orjson.loads(body)
+    readings: list[Row] = [(*r[:2], _ts(r[2]), *r[3:12], _ts(r[12]), r[13]) for r in document["r"]]
+    rejections: list[tuple[Row, bool]] = [
+        ((_ts(j[0]), j[1], base64.b64decode(j[2]), *j[3:9]), bool(j[9])) for j in document["j"]
+    ]
+    return readings, rejections
