@@ -154,6 +154,7 @@ class PersistenceAgent(Agent):
                     raise NotDurableError(str(exc)) from exc
             else:
                 self.mark_up()
+                self._spool_has_room()  # nothing is withheld any more
                 self.metrics.write_seconds.observe(time.monotonic() - started)
                 self.metrics.batch_size.observe(len(readings))
                 return result
@@ -169,12 +170,15 @@ class PersistenceAgent(Agent):
                 self.metrics.spool_full.set(1)
                 log.error("spool full: acknowledgements withheld", extra={"error": str(exc)})  # noqa: TRY400
             raise NotDurableError(str(exc)) from exc
+        self._spool_has_room()
+        self.spooled.set()
+        return None
+
+    def _spool_has_room(self) -> None:
         if self.spool_full:
             self.spool_full = False
             self.metrics.spool_full.set(0)
-            log.info("spool has room again")
-        self.spooled.set()
-        return None
+            log.info("acknowledging again")
 
     def _waiting(self, _state: Any) -> None:
         self.last_progress = time.monotonic()  # waiting out an outage is not a stall
