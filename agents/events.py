@@ -24,7 +24,9 @@ class RawMessage:
     received_at: datetime  # wall clock, UTC: the default reading timestamp
     received_mono: float  # monotonic: end-to-end latency
     correlation_id: str
-    dup: bool = False  # the broker's redelivery flag
+    # The broker may have delivered this before: its DUP flag, or a retained message replayed.
+    dup: bool = False
+    retain: bool = False
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
@@ -110,10 +111,30 @@ class PersistenceAgent(Agent):
         try:
             await self._store([item])
         except RowRejected as exc:
-            rejected = RejectedMessage(
-                item.message, STORAGE_REJECTED, str(exc)[:500], _device(item)
+            reason = str(exc)[:500]
+            await self._store_dead_letter(
+                RejectedMessage(item.message, STORAGE_REJECTED, reason, _device(item))
             )
-            await self._store([rejected])
+
+    async def _store_dead_letter(self, rejected: RejectedMessage) -> None:
+        # If even the dead letter is refused (text the database's encoding cannot hold),
+        # an ASCII-escaped copy is tried; the payload bytes are stored unchanged.
+        error: RowRejected | None = None
+        for candidate in (rejected, _ascii_safe(rejected)):
+            try:
+                await self._store([candidate])
+            except RowRejected as exc:
+                error = exc
+            else:
+                return
+        # Nothing of it can be stored: say so loudly and let it go, rather than block every
+        # later acknowledgement behind it or crash on every redelivery.
+        log.error(
+            "message cannot be stored, even as a dead letter",
+            extra={"topic": _ascii_safe(rejected).message.topic, "error": str(error)},
+        )
+        self.metrics.unstorable.inc()
+        self._settle_acks([rejected.message.seq])
 
     async def _store(self, batch: list[Item]) -> None:
         readings: list[tuple[Reading, RawMessage]] = []
@@ -219,6 +240,16 @@ class PersistenceAgent(Agent):
             await self.bus.publish(ReadingsStored(stored))
         if rejections:
             await self.bus.publish(RejectionsStored(rejections))
+
+
+def _ascii_safe(rejection: RejectedMessage) -> RejectedMessage:
+    def escape(text: str | None) -> str | None:
+        return None if text is None else text.encode("ascii", "backslashreplace").decode()
+
+    message = replace(rejection.message, topic=escape(rejection.message.topic) or "")
+    return RejectedMessage(
+        message, rejection.reason, escape(rejection.error) or "", escape(rejection.device_id)
+    )
 
 
 def _device(item: Item) -> str | None:

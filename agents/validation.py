@@ -12,7 +12,15 @@ from agents.bus import Bus, Inbox
 from agents.events import RawMessage, RejectedMessage, ValidatedMessage
 from daemon.config import SourceConfig
 from daemon.metrics import Metrics
-from edge.codecs import INTERNAL_ERROR, PAYLOAD_TOO_LARGE, UNKNOWN_TOPIC, PayloadError, decode
+from edge.codecs import (
+    INTERNAL_ERROR,
+    PAYLOAD_TOO_LARGE,
+    STALE_RETAINED,
+    UNKNOWN_TOPIC,
+    PayloadError,
+    decode,
+    has_own_ts,
+)
 from edge.topics import TopicTemplate
 
 # Topics seen are cached with their source; plants have thousands, not millions, and the
@@ -91,6 +99,16 @@ class ValidationAgent(Agent):
             readings = decode(message.payload, fmt, fields, message.received_at)
         except PayloadError as exc:
             return RejectedMessage(message, exc.reason, exc.message, device_id)
+        if message.retain and not all(has_own_ts(r, message.received_at) for r in readings):
+            # A retained copy is replayed on every (re)subscribe: stamped with the receive
+            # time it would become a new row each time.
+            return RejectedMessage(
+                message,
+                STALE_RETAINED,
+                "a retained message without ts replays an old value; publish readings with ts"
+                " or without the retain flag",
+                device_id,
+            )
         return ValidatedMessage(message, readings)
 
     async def recover(self, held: list[RawMessage]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -146,11 +147,17 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(config.log.level, config.log.format)
     from daemon.supervisor import prepare_schema  # noqa: PLC0415
 
+    # Nothing is received yet while the schema is checked: a stop request simply exits.
+    signal.signal(signal.SIGTERM, _exit_now)
     problem = prepare_schema(config)
     if problem:
         print(f"ingestd: {problem}", file=sys.stderr)
         return 1
     return run_daemon(config)
+
+
+def _exit_now(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def run_daemon(config: Config) -> int:

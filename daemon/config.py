@@ -61,6 +61,13 @@ class TlsConfig(Section):
     key_file: Path | None = None
     insecure: bool = Field(default=False, description="skip hostname checks (testing only)")
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
 
 class MqttConfig(Section):
     url: str = "mqtt://127.0.0.1:1883"

@@ -154,6 +154,10 @@ class Metrics:
             "Events not published (broker away or outbound queue full), by kind.",
             ("kind",),
         )
+        self.unstorable = counter(
+            "ingestd_messages_unstorable_total",
+            "Messages the database refused even as an ASCII-escaped dead letter (logged).",
+        )
         self.agent_restarts = counter(
             "ingestd_agent_restarts_total", "Agents restarted after a crash.", ("agent",)
         )

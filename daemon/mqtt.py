@@ -20,6 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from agents.bus import Inbox
@@ -104,21 +105,27 @@ class MqttSource:
             topic = message.topic
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "replace")
-        # Never blocks: the inbox holds more than the in-flight window, and reads pause
-        # below when the window is full. Should it ever be full anyway, QueueFull ends the
-        # connection unacknowledged and the broker redelivers: nothing is lost.
-        self._inbox.put_nowait(
-            RawMessage(
-                seq,
-                topic,
-                bytes(message.payload),
-                message.qos,
-                datetime.now(UTC),
-                time.monotonic(),
-                f"{self._correlation_prefix}{seq:x}",
-                bool(message.dup),
-            )
+        raw = RawMessage(
+            seq,
+            topic,
+            bytes(message.payload),
+            message.qos,
+            datetime.now(UTC),
+            time.monotonic(),
+            f"{self._correlation_prefix}{seq:x}",
+            bool(message.dup or message.retain),
+            bool(message.retain),
         )
+        try:
+            # Never blocks: the inbox holds more than the in-flight window, and reads pause
+            # below when the window is full.
+            self._inbox.put_nowait(raw)
+        except asyncio.QueueFull:
+            # Should it ever be full anyway: void every ack of this connection, free the
+            # slot, and end the connection (the exception does); the broker redelivers.
+            self.tracker.new_epoch()
+            self.tracker.settle([seq])
+            raise
         if self.tracker.full:
             self.bridge.pause_reads()
             self._metrics.intake_paused.set(1)
@@ -173,22 +180,44 @@ class MqttSource:
 
     async def _serve(self) -> None:
         self.bridge.publish_nowait(self._status_topic, ONLINE, 1, retain=True)
-        subscriptions: list[tuple[str, int]] = [
-            (topic, self._mqtt.subscribe_qos) for topic in self._config.subscriptions
-        ]
-        # The SUBACK queues behind a persistent session's backlog: hence the long timeout.
-        granted = await self._client.subscribe(
-            subscriptions, timeout=self._mqtt.subscribe_timeout_seconds
+        qos: int = self._mqtt.subscribe_qos
+        subscriptions: list[tuple[str, SubscribeOptions]] | list[tuple[str, int]]
+        if self._mqtt.protocol == "5":
+            # Retain handling 1: retained messages only for a new subscription, not each
+            # time the persistent session is resumed.
+            subscriptions = [
+                (topic, SubscribeOptions(qos=qos, retainHandling=1))
+                for topic in self._config.subscriptions
+            ]
+        else:
+            subscriptions = [(topic, qos) for topic in self._config.subscriptions]
+        # The SUBACK queues behind a persistent session's backlog: hence the long timeout,
+        # and a connection lost meanwhile must end the wait.
+        disconnected = asyncio.ensure_future(self.bridge.wait_disconnected())
+        subscribing = asyncio.ensure_future(
+            self._client.subscribe(subscriptions, timeout=self._mqtt.subscribe_timeout_seconds)
         )
+        try:
+            await asyncio.wait({disconnected, subscribing}, return_when=asyncio.FIRST_COMPLETED)
+            if not subscribing.done():
+                await disconnected  # raises the connection's error
+                raise aiomqtt.MqttError("disconnected while subscribing")
+            granted = subscribing.result()
+            self._check_granted(granted)
+            await disconnected
+        finally:
+            subscribing.cancel()
+            disconnected.cancel()
+
+    def _check_granted(self, granted: object) -> None:
         # A broker refuses a filter (ACL, bad $share name) with a failure code, not an error.
-        refused = [
-            topic for (topic, _), code in zip(subscriptions, granted, strict=False) if _failed(code)
-        ]
+        topics = self._config.subscriptions
+        codes = granted if isinstance(granted, list | tuple) else []
+        refused = [topic for topic, code in zip(topics, codes, strict=False) if _failed(code)]
         if refused:
             log.error("broker refused subscriptions", extra={"topics": refused})
         self.subscription_problem = f"broker refused {', '.join(refused)}" if refused else None
-        log.info("subscribed", extra={"topics": [topic for topic, _ in subscriptions]})
-        await self.bridge.wait_disconnected()
+        log.info("subscribed", extra={"topics": topics})
 
     def _lost(self, exc: BaseException) -> None:
         self.connected.clear()

@@ -19,6 +19,8 @@ Drop it piece by piece as aiomqtt grows these features; the version is pinned ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +82,7 @@ class PahoBridge:
         self._flush_scheduled = False
         self._generation = 0
         self._v5 = False
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self._paho.manual_ack_set(True)
 
         def deliver(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
@@ -104,6 +107,7 @@ class PahoBridge:
         self._paho._sock = self._sock
         self._v5 = self._paho._protocol == paho.MQTTv5
         self._fd = raw.fileno()
+        _enable_tcp_keepalive(raw)
         self._loop.remove_reader(self._fd)
         self._reading = False
         if not self._paused:
@@ -114,6 +118,8 @@ class PahoBridge:
     def pause_reads(self) -> None:
         """Stop reading the socket: nothing more is delivered until ``resume_reads``."""
         self._paused = True
+        if self._keepalive_timer is None:
+            self._keepalive_timer = self._loop.call_later(1.0, self._hold_keepalive)
         if self._reading:
             # Once the socket is closed aiomqtt has removed the reader, and the fd number
             # may already belong to another socket: leave it alone then.
@@ -123,6 +129,9 @@ class PahoBridge:
 
     def resume_reads(self) -> None:
         self._paused = False
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
         if not self._reading:
             self._add_reader()
             if self._reading and self._sock is not None and self._sock.buffered():
@@ -132,6 +141,21 @@ class PahoBridge:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def _hold_keepalive(self) -> None:
+        # paho declares the link dead when no byte arrives for a keepalive interval, and
+        # while reads are paused none can: tell it bytes did arrive. It still sends its
+        # PINGREQs, so the broker sees a live client; TCP keepalive (set on connect) catches
+        # a dead peer meanwhile. Without this, a long pause (a full spool, a slow commit)
+        # would cost a reconnect and a redelivery of the whole window.
+        self._keepalive_timer = None
+        if not self._paused:
+            return
+        if self._sock is not None and self._paho._sock is self._sock:
+            with self._paho._msgtime_mutex:
+                self._paho._last_bytes_received = paho.time_func()
+            self._paho._ping_t = 0
+        self._keepalive_timer = self._loop.call_later(1.0, self._hold_keepalive)
 
     def _add_reader(self) -> None:
         # After a disconnect aiomqtt removed the reader and the fd may be closed or reused.
@@ -223,6 +247,15 @@ class PahoBridge:
     async def wait_disconnected(self) -> None:
         """Return (or raise aiomqtt's error) when the current connection ends."""
         await asyncio.shield(self._client._disconnected)
+
+
+def _enable_tcp_keepalive(sock: Any) -> None:
+    """Let the kernel find a dead peer (probes after 30 s idle), also while reads are paused."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _publish_qos0(topic: str, payload: bytes, retain: bool, v5: bool) -> bytes:

@@ -132,7 +132,8 @@ class Supervisor:
         self.stop_requested = asyncio.Event()
         self.started = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[Any]] = {}
-        self._watchdog_task: asyncio.Task[None] | None = None
+        self._helpers: list[asyncio.Task[None]] = []  # watchdog, device table load
+        self._deadline = time.monotonic()
 
     def _export_spool(self, spool: Spool) -> None:
         self.metrics.spool_bytes = lambda: spool.stats.bytes
@@ -194,7 +195,8 @@ class Supervisor:
                     self._tasks[service.name] = group.create_task(
                         self._supervise(service), name=service.name
                     )
-                self._watchdog_task = group.create_task(self._watchdog(), name="watchdog")
+                self._helpers.append(group.create_task(self._watchdog(), name="watchdog"))
+                self._helpers.append(group.create_task(self._load_device_table(), name="devices"))
                 self.notifier.ready(f"consuming {', '.join(self.config.subscriptions)}")
                 self.started.set()
                 log.info(
@@ -209,7 +211,12 @@ class Supervisor:
             await self._close()
 
     async def _start(self) -> None:
-        await self.http.start()
+        try:
+            await self.http.start()
+        except OSError as exc:
+            raise FatalError(
+                f"cannot serve metrics on {self.config.metrics.listen}: {exc}"
+            ) from None
         if self.spool is not None:
             await self.spool.open()
             if self.spool.stats.batches:
@@ -225,19 +232,22 @@ class Supervisor:
         await self._load_registry()
 
     async def _load_registry(self) -> None:
-        """The registry file (invalid: fatal), then the devices table (invalid rows: logged)."""
+        """The registry file: invalid is fatal, at start, before anything is enriched."""
         if self.config.ingest.registry_file is not None:
             try:
                 self.registry.add(load_registry_file(self.config.ingest.registry_file))
             except RegistryError as exc:
                 raise FatalError(str(exc)) from None
-        if self.persistence.database_up:
-            try:
-                table = DeviceRegistry(await self.writer.load_devices())  # type: ignore[attr-defined]
-            except (StorageError, RegistryError) as exc:
-                log.warning("devices table not used", extra={"error": str(exc)})
-            else:
-                self.registry.merge(table)
+        self.metrics.registry_devices.set(len(self.registry))
+
+    async def _load_device_table(self) -> None:
+        """The devices table, in the background: a slow database must not delay start-up."""
+        try:
+            table = DeviceRegistry(await self.writer.load_devices())  # type: ignore[attr-defined]
+        except (StorageError, RegistryError) as exc:
+            log.warning("devices table not used", extra={"error": str(exc)})
+            return
+        self.registry.merge(table)
         self.metrics.registry_devices.set(len(self.registry))
 
     async def _supervise(self, agent: Agent | SpoolDrainer) -> None:
@@ -259,6 +269,8 @@ class Supervisor:
                         f"agent {agent.name} crashed {len(crashes)} times in a minute"
                     ) from exc
                 self.metrics.agent_restarts.labels(agent.name).inc()
+                # Back off, so that a crash on every attempt does not burn the budget at once.
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** len(crashes)))
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval()
@@ -272,13 +284,14 @@ class Supervisor:
             await asyncio.sleep(interval)
 
     async def _shutdown(self) -> None:
+        """Stop intake, drain, disconnect; all within ``daemon.shutdown_timeout_seconds``."""
+        self._deadline = time.monotonic() + self.config.daemon.shutdown_timeout_seconds
         self.notifier.stopping()
         self.source.stop_intake()
-        timeout = self.config.daemon.shutdown_timeout_seconds
-        pending = self.source.tracker.pending
-        log.info("draining", extra={"in_flight": pending, "timeout_seconds": timeout})
+        log.info("draining", extra={"in_flight": self.source.tracker.pending})
         try:
-            async with asyncio.timeout(max(0.5, timeout - 1.0)):
+            # Leave room for the disconnect and for closing the database.
+            async with asyncio.timeout(max(0.5, self._remaining() - 2.0)):
                 await self.source.tracker.wait_drained()
         except TimeoutError:
             log.warning(
@@ -286,17 +299,19 @@ class Supervisor:
                 extra={"in_flight": self.source.tracker.pending},
             )
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(min(1.0, self._remaining())):
                 await self.source.close()
         except TimeoutError:
             log.warning("broker did not confirm the disconnect")
-        for task in [*self._tasks.values(), self._watchdog_task]:
-            if task is not None:
-                task.cancel()
+        for task in [*self._tasks.values(), *self._helpers]:
+            task.cancel()
+
+    def _remaining(self) -> float:
+        return max(0.1, self._deadline - time.monotonic())
 
     async def _close(self) -> None:
         try:
-            await self.writer.close()
+            await self.writer.close(grace_seconds=min(2.0, self._remaining()))
             if self.spool is not None:
                 await self.spool.close()
         finally:
@@ -322,12 +337,12 @@ def prepare_schema(config: Config) -> str | None:
             return f"cannot prepare the SQLite database {url}: {exc}"
         return None
     try:
-        asyncio.run(ensure_current(url))
+        asyncio.run(ensure_current(url, config.database.connect_timeout_seconds))
     except SchemaError as exc:
         return str(exc)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         # An edge host may boot before its uplink: start anyway, writes retry until it answers.
         log.error(  # noqa: TRY400 - an expected outage, not a bug: no traceback
-            "database unreachable at start; schema not verified", extra={"error": str(exc)}
+            "database unreachable at start; schema not verified", extra={"error": repr(exc)}
         )
     return None

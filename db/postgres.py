@@ -66,18 +66,23 @@ class PostgresWriter:
         """Open the pool; a failure here is retried by the caller like any write failure."""
         if self._pool is not None:
             return
+        pool = asyncpg.create_pool(
+            self._url,
+            min_size=0,  # no background reconnects (and tracebacks) during an outage
+            max_size=self._pool_size,
+            timeout=self._connect_timeout,
+            command_timeout=self._command_timeout,
+            init=_prepare_connection,
+        )
         try:
             async with asyncio.timeout(self._connect_timeout + 1):
-                self._pool = await asyncpg.create_pool(
-                    self._url,
-                    min_size=0,  # no background reconnects (and tracebacks) during an outage
-                    max_size=self._pool_size,
-                    timeout=self._connect_timeout,
-                    command_timeout=self._command_timeout,
-                    init=_prepare_connection,
-                )
+                await pool
+                async with pool.acquire() as conn:  # proves the database answers
+                    await conn.fetchval("SELECT 1")
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            pool.terminate()
             raise StorageError(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        self._pool = pool
 
     async def write(
         self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
@@ -156,11 +161,12 @@ class PostgresWriter:
         if pool is not None:
             pool.terminate()
 
-    async def close(self) -> None:
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        """Close gracefully within ``grace_seconds``, else drop the connections."""
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(grace_seconds):
                     await pool.close()
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pool.terminate()

@@ -66,9 +66,9 @@ async def current_revision(url: str, timeout_seconds: float = 10.0) -> str | Non
         await engine.dispose()
 
 
-async def ensure_current(url: str) -> None:
+async def ensure_current(url: str, timeout_seconds: float = 10.0) -> None:
     """Raise ``SchemaError`` naming ``ingestd migrate`` unless the schema is at head."""
-    current = await current_revision(url)
+    current = await current_revision(url, timeout_seconds)
     head = head_revision()
     if current != head:
         state = "has no ingestd schema" if current is None else f"is at revision {current}"

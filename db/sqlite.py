@@ -125,7 +125,11 @@ class SqliteWriter:
         rows: list[dict[str, Any]] = await self._thread.call(load)
         return rows
 
-    async def close(self) -> None:
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        if self._conn is not None:
+            # A write waiting on a lock would hold the thread for the busy timeout: end it.
+            self._conn.interrupt()
+
         def close() -> None:
             if self._conn is not None:
                 self._conn.close()

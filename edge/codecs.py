@@ -28,6 +28,7 @@ TOPIC_MISMATCH = "topic_mismatch"
 UNKNOWN_TOPIC = "unknown_topic"
 PAYLOAD_TOO_LARGE = "payload_too_large"
 STORAGE_REJECTED = "storage_rejected"
+STALE_RETAINED = "stale_retained"
 INTERNAL_ERROR = "internal_error"
 
 MAX_ID_LENGTH = 128
@@ -80,11 +81,32 @@ def decode(
     if isinstance(document, list):
         if not document:
             raise PayloadError(MISSING_VALUE, "empty array: no readings")
-        return [
+        readings = [
             _from_object(item, fields, received_at, f"[{index}] ")
             for index, item in enumerate(document)
         ]
+        _check_distinct(readings)
+        return readings
     raise PayloadError(BAD_TYPE, f"expected a JSON object or array, got {_kind(document)}")
+
+
+def _check_distinct(readings: list[Reading]) -> None:
+    # Two readings of one sensor at one instant would store only the first: say so instead.
+    seen: dict[tuple[str, str, datetime], int] = {}
+    for index, reading in enumerate(readings):
+        key = (reading.device_id, reading.sensor_id, reading.ts)
+        if key in seen:
+            raise PayloadError(
+                BAD_TIMESTAMP,
+                f"[{seen[key]}] and [{index}] are readings of the same sensor at the same ts"
+                " (give each reading its own ts)",
+            )
+        seen[key] = index
+
+
+def has_own_ts(reading: Reading, received_at: datetime) -> bool:
+    """Whether the payload gave the reading's ts (``decode`` uses ``received_at`` otherwise)."""
+    return reading.ts is not received_at
 
 
 def _load_json(payload: bytes) -> Any:

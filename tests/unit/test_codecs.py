@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
@@ -552,6 +552,9 @@ valid_objects = st.fixed_dictionaries(
 def test_valid_readings_are_never_rejected(
     bodies: list[dict[str, object]], as_array: bool, now: datetime
 ) -> None:
+    # Readings of one sensor at one instant are refused as a whole (tested below).
+    instants = [parse_ts(body["ts"]) if "ts" in body else now for body in bodies]
+    assume(len(set(instants)) == len(instants))
     document: object = bodies if as_array or len(bodies) > 1 else bodies[0]
     readings = decode(orjson.dumps(document), "json", FIELDS, now)
     assert len(readings) == len(bodies)
@@ -688,3 +691,20 @@ def test_router_never_raises_on_arbitrary_topics(topic: str) -> None:
     for value in fields.values():
         assert value
         assert "/" not in value
+
+
+def test_an_array_with_two_readings_of_one_sensor_at_one_instant_is_refused() -> None:
+    # Without their own ts both would be stamped with the receive time: one would vanish.
+    error = reject(b'[{"value": 1}, {"value": 2}]')
+    assert error.reason == codecs.BAD_TIMESTAMP
+    assert "[0] and [1]" in error.message
+
+
+def test_an_array_of_different_sensors_without_ts_is_fine() -> None:
+    readings = decode(
+        b'[{"value": 1, "sensor_id": "a"}, {"value": 2, "sensor_id": "b"}]',
+        "json",
+        {"device_id": "press-01"},
+        NOW,
+    )
+    assert [r.sensor_id for r in readings] == ["a", "b"]

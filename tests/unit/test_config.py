@@ -154,6 +154,8 @@ def test_shared_group_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nested_tls_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("ca")
+    (tmp_path / "c.pem").write_text("cert")
     monkeypatch.setenv("INGESTD_MQTT__URL", "mqtts://broker:8883")
     monkeypatch.setenv("INGESTD_MQTT__TLS__CA_FILE", str(tmp_path / "ca.pem"))
     monkeypatch.setenv("INGESTD_MQTT__TLS__CERT_FILE", str(tmp_path / "c.pem"))
@@ -389,3 +391,9 @@ def test_credentials_in_the_mqtt_url_are_used_and_masked(monkeypatch: pytest.Mon
     shown = masked(config)
     assert "s3cret" not in str(shown)
     assert shown["mqtt"]["url"] == f"mqtt://ingestd:{MASK}@broker.example:1883"
+
+
+def test_tls_files_must_be_readable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("INGESTD_MQTT__TLS__CA_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match=r"mqtt.tls.ca_file: .*missing.pem is not a readable file"):
+        load_config()
