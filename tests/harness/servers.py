@@ -412,14 +412,8 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
         self.start()
 
     def __enter__(self) -> Self:
-        if self.running:
-            return
-        try:
+        if not self.running:
             self.start()
-        except HarnessError:
-            # `pg_ctl status` can fail transiently on a loaded machine: check once more.
-            if not self.running:
-                raise
         return self
 
     def __exit__(
@@ -712,14 +706,8 @@ class Postgres:
 
     # -- context manager / cleanup
     def __enter__(self) -> Self:
-        if self.running:
-            return
-        try:
+        if not self.running:
             self.start()
-        except HarnessError:
-            # `pg_ctl status` can fail transiently on a loaded machine: check once more.
-            if not self.running:
-                raise
         return self
 
     def __exit__(
