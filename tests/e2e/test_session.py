@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import scalar
-from harness.daemon import Collector, Daemon, publish_all
+from conftest import query, scalar
+from harness.daemon import Collector, Daemon, paho_client, publish_all
 from harness.servers import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -87,3 +89,53 @@ def test_killed_daemon_leaves_offline_will(
     daemon.kill()
     wait_until(lambda: watcher.messages[-1].payload == b"offline", 15)
     watcher.close()
+
+
+def test_a_long_pause_keeps_the_connection(
+    mosquitto: Mosquitto, tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    # The database blocks for longer than two keepalive intervals while the window is full:
+    # reads stay paused all that time, and the connection must survive it.
+    database = tmp_path / "locked.db"
+    daemon = daemon_factory(
+        f"sqlite:///{database}",
+        INGESTD_MQTT__KEEPALIVE_SECONDS="5",
+        INGESTD_MQTT__MAX_INFLIGHT="50",
+    )
+    daemon.start()
+    lock = sqlite3.connect(database, isolation_level=None, timeout=30)
+    lock.execute("BEGIN EXCLUSIVE")
+    publish_all(mosquitto.port, readings(300, "dev-3"))
+    wait_until(lambda: daemon.metric("ingestd_intake_paused") == 1, 20)
+    paused_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - paused_at > 12, 20)  # > 2 x keepalive, paused
+    assert daemon.metric("ingestd_inflight_messages") == 50
+    lock.execute("ROLLBACK")
+    lock.close()
+    wait_until(lambda: daemon.metric("ingestd_readings_stored_total") == 300, 30)
+    assert daemon.metric("ingestd_mqtt_connects_total") == 1
+    assert daemon.metric("ingestd_acks_discarded_total") == 0
+    assert daemon.stop() == 0
+
+
+def test_retained_readings_are_stored_once_across_restarts(
+    mosquitto: Mosquitto, migrated_pg: str, daemon_factory: Callable[..., Daemon]
+) -> None:
+    publisher = paho_client(mosquitto.port)
+    with_ts = publisher.publish(
+        "sensors/dev-r/temp", b'{"value": 1, "ts": 1790000000}', 1, retain=True
+    )
+    without_ts = publisher.publish("sensors/dev-r/vib", b'{"value": 2}', 1, retain=True)
+    with_ts.wait_for_publish(10)
+    without_ts.wait_for_publish(10)
+    publisher.loop_stop()
+    publisher.disconnect()
+    daemon = daemon_factory(migrated_pg)
+    for _ in range(3):  # every (re)subscribe replays the retained messages
+        daemon.start()
+        wait_until(lambda: daemon.metric("ingestd_messages_received_total") >= 2, 20)
+        wait_until(lambda: daemon.metric("ingestd_inflight_messages") == 0, 20)
+        assert daemon.stop() == 0
+    assert stored(migrated_pg) == 1
+    reasons = query(migrated_pg, "SELECT reason FROM rejected_messages")
+    assert [row[0] for row in reasons] == ["stale_retained"]
