@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,15 @@ class PahoBridge:
         self._generation = 0
         self._v5 = False
         self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._loop_thread = threading.get_ident()
+        self._writer_sock: Any = None
+        self._writer_fd = -1
         self._paho.manual_ack_set(True)
+        # aiomqtt defers adding the writer with call_soon_threadsafe but removes it at once:
+        # a socket closed in between leaves a writer on a dead (or reused) descriptor, which
+        # aborts uvloop. Ours add and remove on the loop thread, for the current socket only.
+        self._paho.on_socket_register_write = self._register_write
+        self._paho.on_socket_unregister_write = self._unregister_write
 
         def deliver(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
             on_message(message)
@@ -105,6 +114,8 @@ class PahoBridge:
             return
         self._sock = _BufferedSocket(raw)
         self._paho._sock = self._sock
+        if self._writer_sock is raw:  # registered while connecting: it is the wrapper now
+            self._writer_sock = self._sock
         self._v5 = self._paho._protocol == paho.MQTTv5
         self._fd = raw.fileno()
         _enable_tcp_keepalive(raw)
@@ -190,6 +201,42 @@ class PahoBridge:
         self._paho._sock_close()
 
     # -- writes ----------------------------------------------------------------------------
+
+    def _register_write(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._add_writer(sock)
+        else:  # paho's connect runs in an executor thread
+            self._loop.call_soon_threadsafe(self._add_writer, sock)
+
+    def _add_writer(self, sock: Any) -> None:
+        fd = sock.fileno()
+        if fd < 0 or self._paho._sock is not sock or self._writer_sock is sock:
+            return  # closed or replaced meanwhile, or already registered
+        self._remove_writer()
+        self._loop.add_writer(fd, self._on_writable)
+        self._writer_sock, self._writer_fd = sock, fd
+
+    def _unregister_write(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            if self._writer_sock is sock:
+                self._remove_writer()
+        else:
+            self._loop.call_soon_threadsafe(self._unregister_later, sock)
+
+    def _unregister_later(self, sock: Any) -> None:
+        if self._writer_sock is sock:
+            self._remove_writer()
+
+    def _remove_writer(self) -> None:
+        if self._writer_sock is not None:
+            self._loop.remove_writer(self._writer_fd)
+            self._writer_sock, self._writer_fd = None, -1
+
+    def _on_writable(self) -> None:
+        try:
+            self._paho.loop_write()
+        except Exception as exc:  # noqa: BLE001 - any failure here means the connection is unusable
+            self._fail(exc)
 
     def ack(self, mid: int, qos: int) -> bool:
         """Queue the PUBACK for ``mid``; False when there is no connection to send it on."""
