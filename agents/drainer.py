@@ -27,7 +27,7 @@ from agents.events import ReadingsStored
 from agents.persistence import PersistenceAgent
 from daemon.metrics import Metrics
 from db.postgres import PostgresWriter
-from db.spool import Spool, SpooledBatch
+from db.spool import Spool, SpooledBatch, SpoolError
 from db.writer import Row, RowRejected, StorageError, WriteResult, reading_from_row
 from edge.codecs import STORAGE_REJECTED
 
@@ -66,7 +66,7 @@ class SpoolDrainer:
                     if self.spool.stats.batches == 0:
                         await self.persistence.spooled.wait()
                     continue
-                await self._retrying(self.writer.ping)
+                await self._retrying(self.writer.ping, max_wait=2.0)
                 self.persistence.mark_up()
                 continue
             await self._replay(batch)
@@ -75,7 +75,9 @@ class SpoolDrainer:
         started = time.monotonic()
         try:
             result = await self._retrying(
-                lambda: self.writer.write_rows(batch.reading_rows, batch.rejection_rows)
+                lambda: self.writer.write_rows(
+                    batch.reading_rows, batch.rejection_rows, replay=True
+                )
             )
         except RowRejected as exc:
             log.warning(
@@ -83,7 +85,7 @@ class SpoolDrainer:
             )
             result = await self._replay_row_by_row(batch)
         self.persistence.mark_up()
-        await self.spool.delete(batch.id)
+        await self._forget(batch)
         stored = [row for row, new in zip(batch.reading_rows, result.new, strict=True) if new]
         self.metrics.stored += len(stored)
         self.metrics.duplicates += len(result.new) - len(stored)
@@ -95,6 +97,22 @@ class SpoolDrainer:
         if not self.spool.stats.batches:
             log.info("spool drained")
 
+    async def _forget(self, batch: SpooledBatch) -> None:
+        """Delete replayed batches; on a full disk, retry until there is room (never replay
+        them again meanwhile: they are committed)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(SpoolError),
+            wait=wait_random_exponential(multiplier=0.5, max=self._retry_max_seconds),
+            before_sleep=self._waiting,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self.spool.delete(batch.ids)
+
+    def _waiting(self, _state: object) -> None:
+        self.last_progress = time.monotonic()
+
     async def _replay_row_by_row(self, batch: SpooledBatch) -> WriteResult:
         new: list[bool] = []
         for row in batch.reading_rows:
@@ -105,7 +123,7 @@ class SpoolDrainer:
                 await self._retrying(partial(self._store_refused, row, exc))
                 new.append(False)
         for rejection in batch.rejection_rows:
-            await self._retrying(partial(self.writer.write_rows, [], [rejection]))
+            await self._retrying(partial(self.writer.write_rows, [], [rejection], replay=True))
         return WriteResult(new, len(batch.rejection_rows))
 
     async def _store_refused(self, row: Row, exc: RowRejected) -> WriteResult:
@@ -119,10 +137,13 @@ class SpoolDrainer:
         self.metrics.rejected.labels(STORAGE_REJECTED).inc()
         return await self.writer.write_rows([], [(rejection, False)])
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], max_wait: float | None = None) -> T:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(StorageError) & retry_if_not_exception_type(RowRejected),
-            wait=wait_random_exponential(multiplier=0.5, max=self._retry_max_seconds),
+            wait=wait_random_exponential(
+                multiplier=0.5,
+                max=min(max_wait or self._retry_max_seconds, self._retry_max_seconds),
+            ),
             before_sleep=self._failed,
             reraise=True,
         )

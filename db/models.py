@@ -59,7 +59,11 @@ class RejectedMessage(Base):
     """A dead letter: the message as received, with a stable reason code and a readable error."""
 
     __tablename__ = "rejected_messages"
-    __table_args__ = (Index(None, "topic", "payload_sha256"), Index(None, "received_at"))
+    __table_args__ = (
+        Index(None, "topic", "payload_sha256"),
+        Index(None, "received_at"),
+        Index(None, "correlation_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -38,6 +38,12 @@ _INSERT_DUP_REJECTION = (
     f"INSERT INTO rejected_messages ({_REJ_COLS}) SELECT {_REJ_PARAMS} WHERE NOT EXISTS "
     "(SELECT 1 FROM rejected_messages WHERE topic = $2::text AND payload_sha256 = $4::text)"
 )
+# A replayed spool batch may have been committed before (a crash between the commit and
+# the spool delete): its dead letters are recognised by their correlation id.
+_INSERT_REPLAYED_REJECTION = (
+    f"INSERT INTO rejected_messages ({_REJ_COLS}) SELECT {_REJ_PARAMS} WHERE NOT EXISTS "
+    "(SELECT 1 FROM rejected_messages WHERE correlation_id = $9::text)"
+)
 # Errors about the data itself (SQLSTATE classes 22 and 23): retrying the same rows is futile.
 # Text the driver cannot encode is the same kind of problem.
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError)
@@ -93,13 +99,20 @@ class PostgresWriter:
         )
 
     async def write_rows(
-        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]
+        self,
+        reading_rows: list[Row],
+        rejection_rows: list[tuple[Row, bool]],
+        *,
+        replay: bool = False,
     ) -> WriteResult:
-        """Store rows in one transaction; ``new`` tells which reading rows were not stored yet."""
+        """Store rows in one transaction; ``new`` tells which reading rows were not stored yet.
+
+        ``replay``: the rows come from the spool and may be stored already.
+        """
         await self.start()
         try:
             async with asyncio.timeout(self._command_timeout):
-                return await self._write(reading_rows, rejection_rows)
+                return await self._write(reading_rows, rejection_rows, replay)
         except _DATA_ERRORS as exc:
             raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -108,7 +121,7 @@ class PostgresWriter:
             raise StorageError(f"{type(exc).__name__}: {exc}") from exc
 
     async def _write(
-        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]
+        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]], replay: bool
     ) -> WriteResult:
         new: list[bool] = []
         async with self._pool.acquire() as conn, conn.transaction():
@@ -124,15 +137,16 @@ class PostgresWriter:
                         new.append(True)
                     else:
                         new.append(False)
-            fresh = [row for row, dup in rejection_rows if not dup]
+            fresh = [row for row, dup in rejection_rows if not (dup or replay)]
             if fresh:
                 await conn.copy_records_to_table(
                     "rejected_messages", records=fresh, columns=REJECTION_COLUMNS
                 )
             stored = len(fresh)
             for row, dup in rejection_rows:
-                if dup:
-                    status = await conn.execute(_INSERT_DUP_REJECTION, *row)
+                if dup or replay:
+                    guarded = _INSERT_DUP_REJECTION if dup else _INSERT_REPLAYED_REJECTION
+                    status = await conn.execute(guarded, *row)
                     stored += int(status.rsplit(" ", 1)[-1])
         return WriteResult(new, stored)
 

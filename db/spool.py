@@ -49,7 +49,7 @@ class SpoolFull(SpoolError):
 class SpooledBatch:
     """One batch as it was spooled, in the writers' row shapes."""
 
-    id: int
+    ids: list[int]
     reading_rows: list[Row]
     rejection_rows: list[tuple[Row, bool]]
 
@@ -148,56 +148,77 @@ class Spool:
         if stats.oldest_created_at is None:
             stats.oldest_created_at = now
 
-    async def oldest(self) -> SpooledBatch | None:
-        """The oldest batch, or None when the spool is empty."""
-        return await self._thread.call(self._oldest)
+    async def oldest(self, max_readings: int = 5000) -> SpooledBatch | None:
+        """The oldest batches, merged up to about ``max_readings``; None when empty.
 
-    def _oldest(self) -> SpooledBatch | None:
+        Batches spooled during an outage are small (whatever arrived during one write), so
+        replaying several per transaction is what makes the drain fast.
+        """
+        return await self._thread.call(self._oldest, max_readings)
+
+    def _oldest(self, max_readings: int) -> SpooledBatch | None:
         if self._conn is None:
             self._open()
         assert self._conn is not None
         try:
-            row = self._conn.execute("SELECT id, body FROM batches ORDER BY id LIMIT 1").fetchone()
+            rows = self._conn.execute(
+                "SELECT id, readings, body FROM batches ORDER BY id LIMIT 1000"
+            ).fetchall()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             self._conn = None
             self._move_aside(exc)
             self._open()
             return None
-        if row is None:
-            return None
-        batch_id, body = row
-        try:
-            readings, rejections = _decode(body)
-        except (ValueError, KeyError, TypeError) as exc:
-            # One unreadable record must not block everything behind it; it is kept aside.
-            log.error(  # noqa: TRY400 - corrupt data, not a bug in the code
-                "unreadable spooled batch quarantined", extra={"batch": batch_id, "error": str(exc)}
-            )
-            self._conn.execute(
-                "INSERT INTO quarantine SELECT * FROM batches WHERE id = ?", (batch_id,)
-            )
-            self._delete(batch_id)
-            self.corrupt_files += 1
-            return self._oldest()
-        return SpooledBatch(batch_id, readings, rejections)
+        merged = SpooledBatch([], [], [])
+        for batch_id, readings, body in rows:
+            if merged.ids and len(merged.reading_rows) + readings > max_readings:
+                break
+            try:
+                reading_rows, rejection_rows = _decode(body)
+            except (ValueError, KeyError, TypeError) as exc:
+                self._quarantine(batch_id, exc)
+                continue
+            merged.ids.append(batch_id)
+            merged.reading_rows += reading_rows
+            merged.rejection_rows += rejection_rows
+        if merged.ids:
+            return merged
+        return self._oldest(max_readings) if rows else None
 
-    async def delete(self, batch_id: int) -> None:
-        await self._thread.call(self._delete, batch_id)
-
-    def _delete(self, batch_id: int) -> None:
+    def _quarantine(self, batch_id: int, exc: Exception) -> None:
+        # One unreadable record must not block everything behind it; it is kept aside.
         assert self._conn is not None
-        row = self._conn.execute(
-            "DELETE FROM batches WHERE id = ? RETURNING readings, rejections, bytes", (batch_id,)
-        ).fetchone()
-        if row is None:
-            return
+        log.error(
+            "unreadable spooled batch quarantined", extra={"batch": batch_id, "error": str(exc)}
+        )
+        self._conn.execute("INSERT INTO quarantine SELECT * FROM batches WHERE id = ?", (batch_id,))
+        self._delete([batch_id])
+        self.corrupt_files += 1
+
+    async def delete(self, ids: list[int]) -> None:
+        """Forget replayed batches; raises ``SpoolFull`` when even that cannot be written."""
+        await self._thread.call(self._delete, ids)
+
+    def _delete(self, ids: list[int]) -> None:
+        assert self._conn is not None
+        marks = ", ".join("?" * len(ids))
+        try:
+            removed = self._conn.execute(
+                f"DELETE FROM batches WHERE id IN ({marks}) RETURNING readings, rejections, bytes",
+                ids,
+            ).fetchall()
+            head = self._conn.execute(
+                "SELECT created_at FROM batches ORDER BY id LIMIT 1"
+            ).fetchone()
+        except sqlite3.OperationalError as exc:  # a delete writes the WAL too: a full disk
+            raise SpoolFull(f"cannot update the spool: {exc}") from exc
         stats = self.stats
-        stats.readings -= row[0]
-        stats.rejections -= row[1]
-        stats.bytes -= row[2]
-        stats.batches -= 1
-        head = self._conn.execute("SELECT created_at FROM batches ORDER BY id LIMIT 1").fetchone()
+        for readings, rejections, size in removed:
+            stats.readings -= readings
+            stats.rejections -= rejections
+            stats.bytes -= size
+            stats.batches -= 1
         stats.oldest_created_at = head[0] if head else None
 
     async def close(self) -> None:

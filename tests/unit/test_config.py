@@ -395,5 +395,7 @@ def test_credentials_in_the_mqtt_url_are_used_and_masked(monkeypatch: pytest.Mon
 
 def test_tls_files_must_be_readable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("INGESTD_MQTT__TLS__CA_FILE", str(tmp_path / "missing.pem"))
-    with pytest.raises(ConfigError, match=r"mqtt.tls.ca_file: .*missing.pem is not a readable file"):
+    with pytest.raises(
+        ConfigError, match=r"mqtt.tls.ca_file: .*missing.pem is not a readable file"
+    ):
         load_config()

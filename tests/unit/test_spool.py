@@ -69,16 +69,17 @@ async def spool(tmp_path: Path) -> Any:
 async def test_batches_come_back_oldest_first_and_intact(spool: Spool) -> None:
     await spool.put([row(1), row(2)], [rejection(1, dup=True)])
     await spool.put([row(3)], [])
-    assert (spool.stats.readings, spool.stats.rejections, spool.stats.batches) == (3, 1, 2)
-    first = await spool.oldest()
+    await spool.put([row(4)], [])
+    assert (spool.stats.readings, spool.stats.rejections, spool.stats.batches) == (4, 1, 3)
+    first = await spool.oldest(max_readings=3)  # small batches are replayed together
     assert first is not None
-    assert first.reading_rows == [row(1), row(2)]
+    assert first.reading_rows == [row(1), row(2), row(3)]
     assert first.rejection_rows == [rejection(1, dup=True)]
-    await spool.delete(first.id)
-    second = await spool.oldest()
+    await spool.delete(first.ids)
+    second = await spool.oldest(max_readings=3)
     assert second is not None
-    assert second.reading_rows == [row(3)]
-    await spool.delete(second.id)
+    assert second.reading_rows == [row(4)]
+    await spool.delete(second.ids)
     assert await spool.oldest() is None
     assert (spool.stats.readings, spool.stats.bytes, spool.stats.oldest_created_at) == (0, 0, None)
 
@@ -168,7 +169,11 @@ class OutageWriter:
         )
 
     async def write_rows(
-        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]
+        self,
+        reading_rows: list[Row],
+        rejection_rows: list[tuple[Row, bool]],
+        *,
+        replay: bool = False,
     ) -> WriteResult:
         await self.ping()
         new = []
