@@ -462,8 +462,10 @@ def fill_filesystem(path: os.PathLike[str] | str, chunk: int = 4096) -> int:
 
 
 # mosquitto in the harness saves its persistence database every second (autosave_interval 1);
-# what it acknowledged within this margin before a SIGKILL may not be in the last save.
-AUTOSAVE_MARGIN_SECONDS = 2.5
+# what it acknowledged within this margin before a SIGKILL may not be in the last save. A
+# loaded machine delays mosquitto's save loop: 2.5 s was exceeded once in a full CI run (the
+# failure message now lists the missing readings' ack times, to tell broker loss from ours).
+AUTOSAVE_MARGIN_SECONDS = 5.0
 
 
 # Outage scenarios: short database timeouts so a dead or silent link is noticed quickly.

@@ -171,7 +171,20 @@ def test_broker_killed_mid_stream_ingestd_loses_nothing_it_received(
                 (m.index in values) if m.reason is None else (m.payload in payloads) for m in must
             )
 
-        wait_until(must_have_landed, 60, interval=0.5)
+        def missing() -> str:
+            values = {int(r[0]) for r in query(url, "SELECT value FROM sensor_readings")}
+            gone = [m for m in must if m.reason is None and m.index not in values]
+            offsets = sorted(
+                round(publisher.acked_at[m.index] - killed, 2)
+                for m in gone
+                if publisher.acked_at[m.index] is not None
+            )
+            return (
+                f"{len(gone)} readings missing; their broker acks relative to the kill (s): "
+                f"{offsets[:10]} .. {offsets[-10:]}; daemon: {scrape(daemon)}"
+            )
+
+        wait_until(must_have_landed, 60, interval=0.5, message=missing)
         wait_until(quiescent(daemon), 30, interval=0.2)
     finally:
         publisher.close()
