@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,7 +69,7 @@ class ScenarioError(RuntimeError):
     """A scenario could not complete; the message says what was seen."""
 
 
-class Scenario:
+class Scenario(ABC):
     """Base class: a named measurement that returns a ``Row``."""
 
     name: ClassVar[str]
@@ -78,8 +79,9 @@ class Scenario:
         """How many readings this scenario uses when ``requested`` were asked for."""
         return requested
 
+    @abstractmethod
     def run(self, env: BenchEnv, readings: int, run: int) -> Row:
-        raise NotImplementedError
+        """Measure once and return the result row."""
 
 
 # ------------------------------------------------------------------ reference consumers
