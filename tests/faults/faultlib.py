@@ -110,9 +110,15 @@ class Publisher:
     """Publishes ``messages`` at QoS 1 at a steady ``rate`` from a thread.
 
     Records, per message, the monotonic time at which the broker acknowledged it
-    (``acked_at``). paho keeps QoS 1 messages it could not send while the broker is away and
-    resends unacknowledged ones after reconnecting (reconnect delay 0.2 to 1 s), so a broker
-    restart costs the publisher nothing: every message is eventually acknowledged once.
+    (``acked_at``) and on which connection (``acked_on``: 1 for the first, 2 after the first
+    reconnect, ...). paho handles a socket's packets in order and fires ``on_connect`` for a
+    new connection only after the old socket is gone, so ``acked_on`` tells an ack from a
+    killed broker (read late from the socket buffer) from one sent by its successor, which
+    the timestamps alone cannot do on a loaded machine.
+
+    paho keeps QoS 1 messages it could not send while the broker is away and resends
+    unacknowledged ones after reconnecting (reconnect delay 0.2 to 1 s), so a broker restart
+    costs the publisher nothing: every message is eventually acknowledged once.
     """
 
     def __init__(self, port: int, messages: list[Message], rate: float) -> None:
@@ -120,11 +126,13 @@ class Publisher:
         self.messages = messages
         self.rate = rate
         self.acked_at: list[float | None] = [None] * len(messages)
+        self.acked_on: list[int] = [0] * len(messages)
+        self.connection = 0  # connections made so far (on_connect calls)
         self.sent = 0  # handed to paho (the pacing position)
         self.started_at = 0.0
         self._lock = threading.Lock()
         self._pending: dict[int, int] = {}  # mid -> index
-        self._early: dict[int, float] = {}  # PUBACKs that beat the bookkeeping
+        self._early: dict[int, tuple[float, int]] = {}  # PUBACKs that beat the bookkeeping
         self._stop = threading.Event()
         self.done = threading.Event()
         self.errors: list[BaseException] = []
@@ -137,16 +145,22 @@ class Publisher:
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]
         self.client.on_publish = self._on_publish
+        self.client.on_connect = self._on_connect
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def _on_connect(self, *_args: Any) -> None:
+        with self._lock:
+            self.connection += 1
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         now = time.monotonic()
         with self._lock:
             index = self._pending.pop(mid, None)
             if index is None:
-                self._early[mid] = now
+                self._early[mid] = (now, self.connection)
             else:
                 self.acked_at[index] = now
+                self.acked_on[index] = self.connection
 
     def start(self) -> Publisher:
         self.client.connect("127.0.0.1", self.port)
@@ -166,7 +180,7 @@ class Publisher:
                     if early is None:
                         self._pending[info.mid] = message.index
                     else:
-                        self.acked_at[message.index] = early
+                        self.acked_at[message.index], self.acked_on[message.index] = early
                 self.sent = position + 1
                 due = start + (position + 1) / self.rate
                 delay = due - time.monotonic()
