@@ -1,14 +1,18 @@
 """PersistenceAgent: one durable transaction per batch of readings and rejections, then settle.
 
-Batches form naturally: whatever waits in the inbox when the previous write finishes
-goes into the next one, so a batch is flushed as soon as the inbox runs empty and
-never waits on a timer while acknowledgements are held (a stock mosquitto lets a
-client hold only 20 unacknowledged messages).
+Batches form naturally: whatever waits in the inbox when a write slot frees up goes into
+the next batch, so a batch is flushed as soon as the inbox runs empty and never waits on
+a timer while acknowledgements are held (a stock mosquitto lets a client hold only 20
+unacknowledged messages). Several batches are written at once (``batches_in_flight``):
+with one, every message waits for the previous batch's round trips, and a database 50 ms
+away caps throughput at one batch per round trip. Acks still leave in receive order,
+whatever order the batches commit in (AckTracker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -62,12 +66,16 @@ class PersistenceAgent(Agent):
         spool: Spool | None = None,
         max_payload_bytes: int = 64 * 1024,
         retry_max_seconds: float = 10.0,
+        batches_in_flight: int = 1,
     ) -> None:
         super().__init__(bus, metrics, inbox)
         self.writer = writer
         self.spool = spool
         self._settle_acks = settle
         self.batch_limit = batch_size
+        self.batches_in_flight = batches_in_flight
+        self._in_flight: dict[int, list[Item]] = {}  # being written, recovered after a crash
+        self._batch_ids = itertools.count()
         self._max_payload_bytes = max_payload_bytes
         self._retry_max_seconds = retry_max_seconds
         self.database_up = False
@@ -91,6 +99,38 @@ class PersistenceAgent(Agent):
         self.database_up = False
         self.metrics.database_up.set(0)
 
+    # -- the write pipeline ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Write up to ``batches_in_flight`` batches at once, until cancelled.
+
+        A crash in any write ends them all (the task group cancels the others) and the
+        supervisor restarts the agent, which first stores again whatever was in flight.
+        """
+        if self._in_flight:
+            await self.recover([item for batch in self._in_flight.values() for item in batch])
+            self._in_flight.clear()
+        slots = asyncio.Semaphore(self.batches_in_flight)
+        try:
+            async with asyncio.TaskGroup() as writes:
+                while True:
+                    await slots.acquire()
+                    batch = await self.inbox.get_batch(self.batch_limit)
+                    key = next(self._batch_ids)
+                    self._in_flight[key] = batch
+                    writes.create_task(self._write(key, batch, slots))
+        except ExceptionGroup as crash:
+            raise crash.exceptions[0] from None  # the write that crashed, with its traceback
+
+    async def _write(self, key: int, batch: list[Item], slots: asyncio.Semaphore) -> None:
+        await self.handle(batch)
+        del self._in_flight[key]
+        slots.release()
+        self.last_progress = time.monotonic()
+
+    def has_work(self) -> bool:
+        return bool(self._in_flight) or not self.inbox.empty()
+
     # -- storing ---------------------------------------------------------------------------
 
     async def handle(self, batch: list[Item]) -> None:
@@ -104,8 +144,14 @@ class PersistenceAgent(Agent):
                 await self._store_alone(item)
 
     async def recover(self, held: list[Item]) -> None:
+        # What was in flight at a crash may have been committed already: rows are stored
+        # once by their key, and rejections are marked as redeliveries so that the DUP
+        # guard stores them once too.
         for item in held:
-            await self._store_alone(item)
+            if type(item) is RejectedMessage:
+                await self._store_alone(replace(item, message=replace(item.message, dup=True)))
+            else:
+                await self._store_alone(item)
 
     async def _store_alone(self, item: Item) -> None:
         try:

@@ -173,6 +173,9 @@ class DatabaseConfig(Section):
     url: str | None = Field(default=None, description="postgresql://... or sqlite:///path")
     password_file: Path | None = None
     batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # Batches written at once, each on its own connection: hides the database's round
+    # trips (a WAN link) behind each other. Acks still leave in receive order.
+    batches_in_flight: int = Field(default=4, ge=1, le=32)
     command_timeout_seconds: float = Field(default=15.0, gt=0)
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
 

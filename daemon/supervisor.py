@@ -65,6 +65,8 @@ def build_writer(config: Config) -> Writer:
         max_payload_bytes=limit,
         command_timeout=config.database.command_timeout_seconds,
         connect_timeout=config.database.connect_timeout_seconds,
+        # One connection per batch in flight, one for the spool drainer and the devices table.
+        pool_size=config.database.batches_in_flight + 1,
     )
 
 
@@ -103,6 +105,7 @@ class Supervisor:
             config.database.batch_size,
             spool=self.spool,
             max_payload_bytes=config.ingest.max_payload_bytes,
+            batches_in_flight=config.database.batches_in_flight,
         )
         self.agents: list[Agent] = [
             ValidationAgent(

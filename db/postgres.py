@@ -1,8 +1,14 @@
-"""PostgreSQL/TimescaleDB writer: COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING.
+"""PostgreSQL/TimescaleDB writer: one ``INSERT … ON CONFLICT DO NOTHING`` statement per batch.
 
-One transaction per batch, so a batch is either wholly durable or not at all; the
-conflict clause makes redeliveries and replays harmless. Every call runs under a
-timeout: a half-open connection must fail the batch, not hang the pipeline.
+The batch travels as one JSON document that the server unpacks with
+``json_populate_recordset``: a single round trip per batch (COPY into a staging table
+took five: BEGIN, COPY and its data, INSERT … SELECT, COMMIT), which is what keeps a
+database 50 ms away from capping throughput, and orjson encodes it in less client CPU
+than asyncpg's COPY encoder. One statement is one transaction, so a batch is either
+wholly durable or not at all; batches with rejections add their statements in an
+explicit transaction. The conflict clause makes redeliveries and replays harmless.
+Every call runs under a timeout: a half-open connection must fail the batch, not hang
+the pipeline.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import orjson
 
 from agents.events import RawMessage, RejectedMessage
 from db.writer import (
@@ -27,7 +34,8 @@ from edge.codecs import Reading
 
 _COLS = ", ".join(READING_COLUMNS)
 _INSERT_READINGS = (
-    f"INSERT INTO sensor_readings ({_COLS}) SELECT {_COLS} FROM ingestd_staging "
+    f"INSERT INTO sensor_readings ({_COLS}) SELECT {_COLS} "
+    "FROM json_populate_recordset(NULL::sensor_readings, $1::json) "
     "ON CONFLICT DO NOTHING RETURNING device_id, sensor_id, ts"
 )
 _REJ_COLS = ", ".join(REJECTION_COLUMNS)
@@ -46,7 +54,12 @@ _INSERT_REPLAYED_REJECTION = (
 )
 # Errors about the data itself (SQLSTATE classes 22 and 23): retrying the same rows is futile.
 # Text the driver cannot encode is the same kind of problem.
-_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError)
+_DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    UnicodeError,
+    orjson.JSONEncodeError,
+)
 
 
 class PostgresWriter:
@@ -78,7 +91,6 @@ class PostgresWriter:
             max_size=self._pool_size,
             timeout=self._connect_timeout,
             command_timeout=self._command_timeout,
-            init=_prepare_connection,
         )
         try:
             async with asyncio.timeout(self._connect_timeout + 1):
@@ -123,31 +135,12 @@ class PostgresWriter:
     async def _write(
         self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]], replay: bool
     ) -> WriteResult:
-        new: list[bool] = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            if reading_rows:
-                await conn.copy_records_to_table(
-                    "ingestd_staging", records=reading_rows, columns=READING_COLUMNS
-                )
-                inserted = {tuple(row) for row in await conn.fetch(_INSERT_READINGS)}
-                for row in reading_rows:
-                    key = (row[0], row[1], row[2])
-                    if key in inserted:
-                        inserted.discard(key)  # a second copy within the batch is a duplicate
-                        new.append(True)
-                    else:
-                        new.append(False)
-            fresh = [row for row, dup in rejection_rows if not (dup or replay)]
-            if fresh:
-                await conn.copy_records_to_table(
-                    "rejected_messages", records=fresh, columns=REJECTION_COLUMNS
-                )
-            stored = len(fresh)
-            for row, dup in rejection_rows:
-                if dup or replay:
-                    guarded = _INSERT_DUP_REJECTION if dup else _INSERT_REPLAYED_REJECTION
-                    status = await conn.execute(guarded, *row)
-                    stored += int(status.rsplit(" ", 1)[-1])
+        async with self._pool.acquire() as conn:
+            if not rejection_rows:  # the common case: one statement, one round trip
+                return WriteResult(await _insert_readings(conn, reading_rows), 0)
+            async with conn.transaction():
+                new = await _insert_readings(conn, reading_rows) if reading_rows else []
+                stored = await _insert_rejections(conn, rejection_rows, replay)
         return WriteResult(new, stored)
 
     async def ping(self) -> None:
@@ -186,9 +179,35 @@ class PostgresWriter:
                 pool.terminate()
 
 
-async def _prepare_connection(conn: Any) -> None:
-    # One staging table per connection, emptied by every commit.
-    await conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS ingestd_staging "
-        "(LIKE sensor_readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+async def _insert_readings(conn: Any, rows: list[Row]) -> list[bool]:
+    """Insert what is not stored yet; True for each row that became a new row."""
+    document = orjson.dumps(
+        [dict(zip(READING_COLUMNS, row, strict=True)) for row in rows],
+        option=orjson.OPT_NAIVE_UTC,  # as asyncpg treats a naive timestamptz value
     )
+    inserted = {tuple(r) for r in await conn.fetch(_INSERT_READINGS, document.decode())}
+    new: list[bool] = []
+    for row in rows:
+        key = (row[0], row[1], row[2])
+        if key in inserted:
+            inserted.discard(key)  # a second copy within the batch is a duplicate
+            new.append(True)
+        else:
+            new.append(False)
+    return new
+
+
+async def _insert_rejections(conn: Any, rows: list[tuple[Row, bool]], replay: bool) -> int:
+    """Store dead letters; redelivered (DUP) and replayed ones only if not stored yet."""
+    fresh = [row for row, dup in rows if not (dup or replay)]
+    if fresh:
+        await conn.copy_records_to_table(
+            "rejected_messages", records=fresh, columns=REJECTION_COLUMNS
+        )
+    stored = len(fresh)
+    for row, dup in rows:
+        if dup or replay:
+            guarded = _INSERT_DUP_REJECTION if dup else _INSERT_REPLAYED_REJECTION
+            status = await conn.execute(guarded, *row)
+            stored += int(status.rsplit(" ", 1)[-1])
+    return stored
