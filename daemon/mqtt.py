@@ -97,24 +97,22 @@ class MqttSource:
 
     # -- hot path --------------------------------------------------------------------------
 
-    def _on_message(self, message: paho.MQTTMessage) -> None:
-        """Called by paho on the loop thread for every PUBLISH received."""
+    def _on_message(
+        self, topic: str, payload: bytes, mid: int, qos: int, dup: bool, retain: bool
+    ) -> None:
+        """Called by the bridge on the loop thread for every PUBLISH received."""
         self._metrics.received += 1
-        seq = self.tracker.track(message.mid, message.qos)
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            topic = message._topic.decode("utf-8", "replace")
+        seq = self.tracker.track(mid, qos)
         raw = RawMessage(
             seq,
             topic,
-            bytes(message.payload),
-            message.qos,
+            payload,
+            qos,
             datetime.now(UTC),
             time.monotonic(),
             f"{self._correlation_prefix}{seq:x}",
-            bool(message.dup or message.retain),
-            bool(message.retain),
+            dup or retain,
+            retain,
         )
         try:
             # Never blocks: the inbox holds more than the in-flight window, and reads pause
