@@ -279,7 +279,11 @@ def _short(exc: BaseException) -> str:
 
 def format_ts(ts: datetime) -> str:
     """ISO-8601 UTC with microseconds and a Z, as the processed events carry it."""
-    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    # orjson writes the date and time about 3x faster than isoformat() (two per processed
+    # event), but leaves out a zero fraction: the fraction is added here, always 6 digits.
+    return f"{orjson.dumps(ts)[1:20].decode()}.{ts.microsecond:06d}Z"
 
 
 def encode_json(
