@@ -30,6 +30,7 @@ from agents.persistence import PersistenceAgent
 from agents.publisher import Publisher, topic_segment
 from agents.registry import DeviceInfo, DeviceRegistry, RegistryError, load_registry_file
 from agents.validation import ValidationAgent
+from daemon.acks import AckTracker
 from daemon.config import SourceConfig
 from daemon.metrics import Metrics
 from db.writer import RowRejected, StorageError, WriteResult
@@ -969,3 +970,131 @@ async def test_pipeline_from_raw_message_to_published_events(bus: Bus, metrics: 
     assert by_topic["ingestd/processed/d2/rpm"]["sensor_type"] == "encoder"
     assert by_topic["ingestd/failed/d1"]["reason"] == "bad_type"
     assert metrics.stored == 2
+
+
+class GatedWriter(FakeWriter):
+    """A writer whose writes wait until the test opens their gate (one gate per write)."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(log)
+        self.gates: list[asyncio.Event] = []
+        self.started = asyncio.Event()
+        self.open = False  # when True, writes no longer wait
+
+    async def write(
+        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+    ) -> WriteResult:
+        gate = asyncio.Event()
+        if self.open:
+            gate.set()
+        self.gates.append(gate)
+        self.started.set()
+        await gate.wait()
+        return await super().write(readings, rejections)
+
+    async def wait_writes(self, count: int) -> None:
+        while len(self.gates) < count:
+            self.started.clear()
+            await asyncio.wait_for(self.started.wait(), 5)
+
+
+async def until(condition: Callable[[], bool], changed: asyncio.Event) -> None:
+    """Wait (at most 5 s) until ``condition`` holds, re-checking whenever ``changed`` is set."""
+    async with asyncio.timeout(5):
+        while not condition():
+            changed.clear()
+            await changed.wait()
+
+
+async def put_when_taken(agent: PersistenceAgent, writer: GatedWriter, item: Any) -> None:
+    """Put one item and wait until its write started (so each item is a batch of its own)."""
+    count = len(writer.gates)
+    agent.inbox.put_nowait(item)
+    await writer.wait_writes(count + 1)
+
+
+@pytest.mark.timeout(10)
+async def test_persistence_writes_several_batches_at_once_and_acks_in_receive_order(
+    bus: Bus, metrics: Metrics
+) -> None:
+    log: list[str] = []
+    writer = GatedWriter(log)
+    acked: list[int] = []
+    ack_sent = asyncio.Event()
+
+    def send_ack(mid: int, _qos: int) -> bool:
+        acked.append(mid)
+        ack_sent.set()
+        return True
+
+    tracker = AckTracker(100, send_ack, metrics)
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(bus, metrics, inbox, writer, tracker.settle, 50, batches_in_flight=3)
+    for mid in (101, 102, 103, 104):
+        tracker.track(mid, 1)  # seqs 0..3
+    task = asyncio.create_task(agent.run())
+    try:
+        for seq in range(3):
+            await put_when_taken(agent, writer, enriched(seq, reading(second=seq)))
+        inbox.put_nowait(enriched(3, reading(second=3)))
+        for _ in range(20):  # give the agent every chance to take it (it must not)
+            await asyncio.sleep(0)
+        assert len(writer.gates) == 3  # three writes in flight, no fourth slot
+        assert inbox.qsize() == 1
+        assert agent.has_work()
+
+        writer.gates[2].set()  # the newest batch commits first: its ack must wait
+        writer.gates[1].set()
+        await writer.wait_writes(4)  # a slot freed: the waiting batch is taken
+        assert acked == []
+        writer.gates[0].set()  # the oldest commits: all three acks leave, in order
+        await until(lambda: len(acked) >= 3, ack_sent)
+        assert acked == [101, 102, 103]
+        writer.gates[3].set()
+        await until(lambda: len(acked) >= 4, ack_sent)
+        assert acked == [101, 102, 103, 104]
+        assert metrics.stored == 4
+        assert not agent.has_work()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.timeout(10)
+async def test_persistence_crash_in_one_write_recovers_every_batch_in_flight(
+    bus: Bus, metrics: Metrics
+) -> None:
+    log: list[str] = []
+    writer = GatedWriter(log)
+    settled = Settled(log)
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(bus, metrics, inbox, writer, settled, 50, batches_in_flight=3)
+    rejected = RejectedMessage(raw(2), codecs.BAD_TYPE, "value must be a number", "d1")
+    task = asyncio.create_task(agent.run())
+    await put_when_taken(agent, writer, enriched(0, reading(second=0)))
+    await put_when_taken(agent, writer, enriched(1, reading(second=1)))
+    await put_when_taken(agent, writer, rejected)
+    writer.script = [RuntimeError("boom")]
+    writer.gates[1].set()  # the second write crashes; the other two are cancelled
+    with pytest.raises(RuntimeError, match="boom"):  # the write's own error, not a group
+        await asyncio.wait_for(task, 5)
+    assert settled.seqs == []
+    assert agent.has_work()
+
+    writer.open = True
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: sorted(settled.seqs) == [0, 1, 2], settled.changed)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert metrics.stored == 2
+    # The rejection was in flight and may have been stored already: it is recovered as a
+    # redelivery, so the writer's DUP guard stores it at most once.
+    recovered = writer.calls[-1][1]
+    assert [r.message.dup for r in recovered] == [True]
+    assert not agent.has_work()
