@@ -18,9 +18,10 @@ from agents.base import Agent
 from agents.bus import Bus, Inbox
 from agents.events import ReadingsStored, RejectionsStored
 from daemon.metrics import Metrics
-from edge.codecs import format_ts
+from edge.codecs import Reading, format_ts
 
 Send = Callable[[str, bytes, int], bool]
+_TOPIC_CACHE_SIZE = 100_000
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
 
 
@@ -58,6 +59,7 @@ class Publisher(Agent):
         self._event_seq = 0
         self._published = metrics.events_published
         self._dropped = metrics.events_dropped
+        self._processed_topics: dict[tuple[str, str], str] = {}
 
     def _event_id(self) -> str:
         self._event_seq += 1
@@ -73,7 +75,7 @@ class Publisher(Agent):
 
     def _publish_processed(self, event: ReadingsStored) -> None:
         sent = 0
-        prefix, qos, send = f"{self._prefix}/processed/", self._processed_qos, self._send
+        qos, send = self._processed_qos, self._send
         for reading, message in event.readings:
             body = {
                 "event_id": self._event_id(),
@@ -92,9 +94,22 @@ class Publisher(Agent):
                 "sensor_type": reading.sensor_type,
                 "received_at": format_ts(message.received_at),
             }
-            topic = f"{prefix}{topic_segment(reading.device_id)}/{topic_segment(reading.sensor_id)}"
-            sent += send(topic, orjson.dumps(body), qos)
+            sent += send(self._processed_topic(reading), orjson.dumps(body), qos)
         self._count("processed", sent, len(event.readings))
+
+    def _processed_topic(self, reading: Reading) -> str:
+        # Built once per sensor: a plant has a bounded set of them, but a flood of new ids
+        # must not grow this without bound.
+        key = (reading.device_id, reading.sensor_id)
+        topic = self._processed_topics.get(key)
+        if topic is None:
+            if len(self._processed_topics) >= _TOPIC_CACHE_SIZE:
+                self._processed_topics.clear()
+            topic = self._processed_topics[key] = (
+                f"{self._prefix}/processed/{topic_segment(reading.device_id)}/"
+                f"{topic_segment(reading.sensor_id)}"
+            )
+        return topic
 
     def _publish_failed(self, event: RejectionsStored) -> None:
         sent = 0
