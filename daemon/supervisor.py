@@ -328,6 +328,7 @@ class Supervisor:
 
 def prepare_schema(config: Config) -> str | None:
     """Migrate the embedded SQLite file; check a PostgreSQL schema. Returns a problem or None."""
+    import asyncpg  # noqa: PLC0415
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
     from db.schema import SchemaError, ensure_current, upgrade  # noqa: PLC0415
@@ -343,7 +344,13 @@ def prepare_schema(config: Config) -> str | None:
         asyncio.run(ensure_current(url, config.database.connect_timeout_seconds))
     except SchemaError as exc:
         return str(exc)
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+    except (
+        SQLAlchemyError,
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
         # An edge host may boot before its uplink: start anyway, writes retry until it answers.
         log.error(  # noqa: TRY400 - an expected outage, not a bug: no traceback
             "database unreachable at start; schema not verified", extra={"error": repr(exc)}
