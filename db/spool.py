@@ -118,11 +118,13 @@ class Spool:
     async def put(self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]) -> None:
         """Store a batch durably; raises ``SpoolFull`` when there is no room for it."""
         body = _encode(reading_rows, rejection_rows)
-        if self.stats.bytes + len(body) > self.max_bytes:
-            raise SpoolFull(f"spool holds {self.stats.bytes} bytes, the limit is {self.max_bytes}")
         await self._thread.call(self._put, body, len(reading_rows), len(rejection_rows))
 
     def _put(self, body: bytes, readings: int, rejections: int) -> None:
+        # Checked here, on the spool's one thread: batches written at once cannot both
+        # pass the check and overshoot the bound together.
+        if self.stats.bytes + len(body) > self.max_bytes:
+            raise SpoolFull(f"spool holds {self.stats.bytes} bytes, the limit is {self.max_bytes}")
         if self._conn is None:
             self._open()
         assert self._conn is not None

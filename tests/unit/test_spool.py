@@ -96,6 +96,18 @@ async def test_a_full_spool_refuses_and_keeps_what_it_has(spool: Spool) -> None:
     assert spool.stats.bytes <= spool.max_bytes
 
 
+async def test_puts_at_once_cannot_overshoot_the_bound_together(spool: Spool) -> None:
+    """Several batches in flight spool at the same time: the bound still holds."""
+    results = await asyncio.gather(
+        *(spool.put([row(i * 10 + j) for j in range(10)], []) for i in range(20)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, SpoolFull)]
+    assert refused  # 20 batches of 10 readings do not fit in 4 KiB
+    assert len(refused) + spool.stats.batches == 20
+    assert spool.stats.bytes <= spool.max_bytes
+
+
 async def test_the_spool_survives_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     first = Spool(path, 1 << 20)
