@@ -200,6 +200,8 @@ class PersistenceAgent(Agent):
         async for attempt in retrying:
             with attempt:
                 result = await self._store_once(readings, rejections)
+        if readings:
+            self.metrics.seen({reading.device_id for reading, _ in readings}, time.time())
         if result is None:
             await self._settle_spooled(batch)
         else:

@@ -13,6 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+# Devices tracked for last-seen; beyond this, new device ids are counted, not tracked (a
+# flood of bogus ids must not grow memory or the scrape without bound).
+MAX_TRACKED_DEVICES = 10_000
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -56,10 +59,33 @@ class _HotCounters(Collector):
         )
         for name, text, probe in gauges:
             yield GaugeMetricFamily(name, text, value=probe())
+        yield GaugeMetricFamily("ingestd_ready", "1 while /readyz answers 200.", value=m.ready())
+        last_seen = GaugeMetricFamily(
+            "ingestd_device_last_seen_timestamp_seconds",
+            "Unix time of the device's last reading made durable (stored or spooled).",
+            labels=("device_id",),
+        )
+        for device_id, seen in list(m.last_seen.items()):
+            last_seen.add_metric((device_id,), seen)
+        yield last_seen
+        yield CounterMetricFamily(
+            "ingestd_devices_untracked",
+            f"Readings of devices beyond the {MAX_TRACKED_DEVICES} tracked for last-seen.",
+            value=m.untracked_devices,
+        )
 
 
 class Metrics:
     """The metrics object every agent reports through."""
+
+    def seen(self, device_ids: set[str], now: float) -> None:
+        """Record that these devices' readings were just made durable."""
+        last_seen = self.last_seen
+        for device_id in device_ids:
+            if device_id in last_seen or len(last_seen) < MAX_TRACKED_DEVICES:
+                last_seen[device_id] = now
+            else:
+                self.untracked_devices += 1
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -74,6 +100,9 @@ class Metrics:
         self.spool_rejections: Callable[[], float] = lambda: 0
         self.spool_age: Callable[[], float] = lambda: 0
         self.spool_corrupt: Callable[[], float] = lambda: 0
+        self.ready: Callable[[], float] = lambda: 0
+        self.last_seen: dict[str, float] = {}  # device_id -> unix time
+        self.untracked_devices = 0
         registry.register(_HotCounters(self))
 
         def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:

@@ -128,6 +128,7 @@ class Supervisor:
                 self.spool, self.writer, self.persistence, self.bus, self.metrics
             )
             self._export_spool(self.spool)
+        self.metrics.ready = lambda: float(self.not_ready_reason() is None)
         self.http = HealthServer(
             config.metrics.host, config.metrics.port, self.metrics.registry, self.not_ready_reason
         )

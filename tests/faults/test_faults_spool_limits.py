@@ -89,6 +89,7 @@ def test_spool_full_withholds_acks_and_drops_nothing(
         wait_metric(daemon, "ingestd_spool_full", lambda v: v == 1, 30, "spool full")
         full = _acks_withheld(daemon, publisher, more=300)
         assert readyz(daemon) == 503
+        assert full["ingestd_ready"] == 0
         assert full["ingestd_spool_full"] == 1
         assert 0 < full["ingestd_spool_bytes"] <= SPOOL_MAX
         assert full["ingestd_spool_readings"] > 0
@@ -104,6 +105,7 @@ def test_spool_full_withholds_acks_and_drops_nothing(
     assert metrics["ingestd_spool_full"] == 0
     assert metrics["ingestd_spool_replayed_total"] >= full["ingestd_spool_readings"]
     assert readyz(daemon) == 200
+    assert metrics["ingestd_ready"] == 1
     assert len(_full_lines(daemon)) == 1
     fault_report.update(
         published=len(messages),

@@ -1098,3 +1098,23 @@ async def test_persistence_crash_in_one_write_recovers_every_batch_in_flight(
     recovered = writer.calls[-1][1]
     assert [r.message.dup for r in recovered] == [True]
     assert not agent.has_work()
+
+
+async def test_persistence_records_when_each_device_was_last_seen(
+    persistence: Persistence, metrics: Metrics
+) -> None:
+    before = time.time()
+    await persistence.agent.handle([enriched(0, reading(second=1))])
+    seen = sample(metrics, "ingestd_device_last_seen_timestamp_seconds", {"device_id": "d1"})
+    assert seen is not None
+    assert before <= seen <= time.time()
+
+
+def test_last_seen_tracks_a_bounded_number_of_devices(
+    metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("daemon.metrics.MAX_TRACKED_DEVICES", 3)
+    metrics.seen({"a", "b", "c"}, 10.0)
+    metrics.seen({"a", "d"}, 20.0)  # a known device is updated, a fourth is only counted
+    assert metrics.last_seen == {"a": 20.0, "b": 10.0, "c": 10.0}
+    assert sample(metrics, "ingestd_devices_untracked_total") == 1
