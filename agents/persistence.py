@@ -76,7 +76,7 @@ class PersistenceAgent(Agent):
         self.batches_in_flight = batches_in_flight
         self._in_flight: dict[int, list[Item]] = {}  # being written, recovered after a crash
         self._batch_ids = itertools.count()
-        self._max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = max_payload_bytes
         self._retry_max_seconds = retry_max_seconds
         self.database_up = False
         self.spool_full = False
@@ -231,7 +231,7 @@ class PersistenceAgent(Agent):
         try:
             await self.spool.put(
                 [reading_row(reading, message) for reading, message in readings],
-                [(rejection_row(r, self._max_payload_bytes), r.message.dup) for r in rejections],
+                [(rejection_row(r, self.max_payload_bytes), r.message.dup) for r in rejections],
             )
         except SpoolError as exc:
             if not self.spool_full:

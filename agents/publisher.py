@@ -61,6 +61,23 @@ class Publisher(Agent):
         self._dropped = metrics.events_dropped
         self._processed_topics: dict[tuple[str, str], str] = {}
 
+    def reconfigure(
+        self,
+        *,
+        prefix: str,
+        processed: bool,
+        processed_qos: int,
+        failed_qos: int,
+        max_payload_bytes: int,
+    ) -> None:
+        """New outbound settings, applied from the next event on (SIGHUP)."""
+        self._prefix = prefix
+        self._processed = processed
+        self._processed_qos = processed_qos
+        self._failed_qos = failed_qos
+        self._max_payload_bytes = max_payload_bytes
+        self._processed_topics.clear()
+
     def _event_id(self) -> str:
         self._event_seq += 1
         return f"{self._event_prefix}{self._event_seq:x}"

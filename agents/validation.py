@@ -71,6 +71,10 @@ class ValidationAgent(Agent):
         max_payload_bytes: int,
     ) -> None:
         super().__init__(bus, metrics, inbox)
+        self.reconfigure(sources, max_payload_bytes)
+
+    def reconfigure(self, sources: Sequence[SourceConfig], max_payload_bytes: int) -> None:
+        """New sources and size limit, applied from the next message on (SIGHUP)."""
         self._router = TopicRouter(sources)
         self._max_payload_bytes = max_payload_bytes
 

@@ -29,7 +29,6 @@ class AckTracker:
         metrics: Metrics,
         on_room: Callable[[], None] = lambda: None,
     ) -> None:
-        self.window = window
         self.epoch = 0
         self._send_ack = send_ack
         self._metrics = metrics
@@ -37,12 +36,17 @@ class AckTracker:
         self._entries: deque[list[int]] = deque()
         self._base = 0  # seq of _entries[0]
         self._next = 0
-        # Resume a little below the window, not at every single ack (at least when empty).
-        self._resume_at = max(1, window - max(1, window // 10))
+        self.resize(window)
         self._drained = asyncio.Event()
         self._drained.set()
         metrics.inflight = lambda: len(self._entries)
         metrics.window = lambda: self.window
+
+    def resize(self, window: int) -> None:
+        """Set the window; reads pause and resume against it from the next message on."""
+        self.window = window
+        # Resume a little below the window, not at every single ack (at least when empty).
+        self._resume_at = max(1, window - max(1, window // 10))
 
     @property
     def pending(self) -> int:

@@ -149,22 +149,23 @@ def _run(args: argparse.Namespace) -> int:
 
     # Nothing is received yet while the schema is checked: a stop request simply exits.
     signal.signal(signal.SIGTERM, _exit_now)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before start-up finished: no-op
     problem = prepare_schema(config)
     if problem:
         print(f"ingestd: {problem}", file=sys.stderr)
         return 1
-    return run_daemon(config)
+    return run_daemon(config, args.config)
 
 
 def _exit_now(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, config_file: Path | None = None) -> int:
     from daemon.supervisor import FatalError, Supervisor  # noqa: PLC0415
 
     async def daemon() -> None:
-        await Supervisor(config).run()
+        await Supervisor(config, config_file=config_file).run()
 
     try:
         run_async(daemon)

@@ -46,13 +46,50 @@ class MqttSource:
         self._status_topic = f"{config.publish.prefix}/status"
         self._correlation_prefix = os.urandom(4).hex() + "-"
         self._stopping = False
+        self._pending: Config | None = None  # a reloaded config, applied at the next connect
         self._client = self._build_client()
         self.bridge = PahoBridge(self._client, self._on_message)
+        # Through the source, not bound to this bridge: a reload builds a new one.
         self.tracker = AckTracker(
-            self._mqtt.max_inflight, self.bridge.ack, metrics, on_room=self._on_room
+            self._mqtt.max_inflight,
+            self._ack,
+            metrics,
+            on_room=self._on_room,
         )
         self.connected = asyncio.Event()
         self.subscription_problem: str | None = None
+
+    def _ack(self, mid: int, qos: int) -> bool:
+        return self.bridge.ack(mid, qos)
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int) -> bool:
+        """Queue an outbound event on the current connection (see ``PahoBridge``)."""
+        return self.bridge.publish_nowait(topic, payload, qos)
+
+    async def reconfigure(self, config: Config) -> None:
+        """Reconnect with a reloaded config (broker, credentials, TLS, subscriptions...).
+
+        The current connection is closed cleanly; acks still owed on it are void (a new
+        epoch), so the broker redelivers those messages, and the unique key makes that
+        harmless. A changed client id starts another persistent session.
+        """
+        self._pending = config
+        if self.bridge.connected():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+
+    def _apply_pending(self) -> None:
+        config, self._pending = self._pending, None
+        if config is None:
+            return
+        self._config, self._mqtt = config, config.mqtt
+        self._status_topic = f"{config.publish.prefix}/status"
+        self.tracker.resize(config.mqtt.max_inflight)
+        self._client = self._build_client()
+        self.bridge = PahoBridge(self._client, self._on_message)
+        if self.tracker.full:  # messages of the old connection still hold the window
+            self.bridge.pause_reads()
+        log.info("reconnecting with the reloaded config", extra={"broker": self._mqtt.url})
 
     def _build_client(self) -> aiomqtt.Client:
         mqtt = self._mqtt
@@ -150,6 +187,7 @@ class MqttSource:
             )
             async for attempt in retrying:
                 with attempt:
+                    self._apply_pending()
                     await self._connect()
             try:
                 await self._serve()

@@ -34,9 +34,10 @@ from agents.persistence import PersistenceAgent
 from agents.publisher import Publisher
 from agents.registry import DeviceRegistry, RegistryError, load_registry_file
 from agents.validation import ValidationAgent
-from daemon import __version__
-from daemon.config import Config
+from daemon import __version__, reload
+from daemon.config import Config, ConfigError, load_config
 from daemon.http import HealthServer
+from daemon.logs import setup_logging
 from daemon.metrics import Metrics
 from daemon.mqtt import MqttSource
 from daemon.sdnotify import Notifier, watchdog_interval
@@ -73,8 +74,15 @@ def build_writer(config: Config) -> Writer:
 class Supervisor:
     """Owns the whole daemon: ``await Supervisor(config).run()`` until stopped."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        *,
+        config_file: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_file = config_file  # re-read on SIGHUP
         self.metrics = Metrics(registry or CollectorRegistry())
         self.metrics.info.info({"version": __version__})
         self.bus = Bus(self.metrics)
@@ -107,20 +115,25 @@ class Supervisor:
             max_payload_bytes=config.ingest.max_payload_bytes,
             batches_in_flight=config.database.batches_in_flight,
         )
+        self.validation = ValidationAgent(
+            self.bus, self.metrics, raw_inbox, config.ingest.sources,
+            config.ingest.max_payload_bytes,
+        )  # fmt: skip
+        self.enrichment = EnrichmentAgent(self.bus, self.metrics, enrich_inbox, self.registry)
+        self.publisher = Publisher(
+            self.bus, self.metrics, publish_inbox, self.source.publish_nowait,
+            prefix=config.publish.prefix, processed=config.publish.processed,
+            processed_qos=config.publish.processed_qos, failed_qos=config.publish.failed_qos,
+            max_payload_bytes=config.ingest.max_payload_bytes,
+        )  # fmt: skip
         self.agents: list[Agent] = [
-            ValidationAgent(
-                self.bus, self.metrics, raw_inbox, config.ingest.sources,
-                config.ingest.max_payload_bytes,
-            ),
-            EnrichmentAgent(self.bus, self.metrics, enrich_inbox, self.registry),
+            self.validation,
+            self.enrichment,
             self.persistence,
-            Publisher(
-                self.bus, self.metrics, publish_inbox, self.source.bridge.publish_nowait,
-                prefix=config.publish.prefix, processed=config.publish.processed,
-                processed_qos=config.publish.processed_qos, failed_qos=config.publish.failed_qos,
-                max_payload_bytes=config.ingest.max_payload_bytes,
-            ),
-        ]  # fmt: skip
+            self.publisher,
+        ]
+        self._device_table = DeviceRegistry()  # rows of the devices table, once loaded
+        self._reloads: set[asyncio.Task[None]] = set()
         self.drainer: SpoolDrainer | None = None
         if self.spool is not None:
             assert isinstance(self.writer, PostgresWriter)
@@ -178,6 +191,59 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    # -- reload (SIGHUP) --------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> None:
+        """Re-read the config: apply what can change live, reconnect where needed, and say
+        what waits for a restart. An invalid config changes nothing."""
+        try:
+            new = load_config(self.config_file)
+            registry = self._file_registry(new)
+        except (ConfigError, RegistryError) as exc:
+            log.error("reload refused, running config kept", extra={"error": str(exc)})  # noqa: TRY400
+            return
+        changed = reload.changes(self.config, new)
+        if not changed and registry is None:
+            log.info("reload: nothing changed")
+            return
+        old, self.config = self.config, new
+        setup_logging(new.log.level, new.log.format)
+        limit = new.ingest.max_payload_bytes
+        self.validation.reconfigure(new.ingest.sources, limit)
+        self.persistence.max_payload_bytes = self.writer.max_payload_bytes = limit
+        self.publisher.reconfigure(
+            prefix=new.publish.prefix, processed=new.publish.processed,
+            processed_qos=new.publish.processed_qos, failed_qos=new.publish.failed_qos,
+            max_payload_bytes=limit,
+        )  # fmt: skip
+        if registry is not None:
+            registry.merge(self._device_table)
+            self.registry = self.enrichment.registry = registry
+            self.metrics.registry_devices.set(len(registry))
+        pending = {s: keys for s, keys in changed.items() if s in reload.RESTART}
+        log.info(
+            "config reloaded",
+            extra={
+                "changed": {s: k for s, k in changed.items() if s not in reload.RESTART},
+                "needs_restart": pending or None,
+            },
+        )
+        if pending:
+            # Keep reporting what actually runs for those sections.
+            self.config = new.model_copy(update={s: getattr(old, s) for s in pending})
+        if reload.needs_reconnect(changed):
+            await self.source.reconfigure(self.config)
+
+    def _file_registry(self, config: Config) -> DeviceRegistry | None:
+        """The registry file, read again (None when no file is configured)."""
+        path = config.ingest.registry_file
+        return None if path is None else DeviceRegistry(load_registry_file(path))
+
     def request_stop(self) -> None:
         if self.stop_requested.is_set():
             log.warning("second stop signal: exiting now")
@@ -191,6 +257,7 @@ class Supervisor:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self._start()
             async with asyncio.TaskGroup() as group:
@@ -210,7 +277,7 @@ class Supervisor:
                 await self._shutdown()
         finally:
             if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             await self._close()
 
@@ -251,6 +318,7 @@ class Supervisor:
         except (StorageError, RegistryError) as exc:
             log.warning("devices table not used", extra={"error": str(exc)})
             return
+        self._device_table = table
         self.registry.merge(table)
         self.metrics.registry_devices.set(len(self.registry))
 

@@ -75,7 +75,7 @@ class PostgresWriter:
         pool_size: int = 2,
     ) -> None:
         self._url = url
-        self._max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = max_payload_bytes
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
@@ -108,7 +108,7 @@ class PostgresWriter:
     ) -> WriteResult:
         return await self.write_rows(
             [reading_row(reading, message) for reading, message in readings],
-            [(rejection_row(r, self._max_payload_bytes), r.message.dup) for r in rejections],
+            [(rejection_row(r, self.max_payload_bytes), r.message.dup) for r in rejections],
         )
 
     async def write_rows(

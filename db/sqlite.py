@@ -46,7 +46,7 @@ class SqliteWriter:
 
     def __init__(self, path: Path, *, max_payload_bytes: int, busy_timeout: float = 15.0) -> None:
         self._path = path
-        self._max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = max_payload_bytes
         self._busy_timeout = busy_timeout
         self._thread = DedicatedThread("ingestd-sqlite")
         self._conn: sqlite3.Connection | None = None
@@ -75,7 +75,7 @@ class SqliteWriter:
     ) -> WriteResult:
         reading_rows = [_sqlite_reading(reading, message) for reading, message in readings]
         rejection_rows = [
-            (_sqlite_rejection(r, self._max_payload_bytes), r.message.dup) for r in rejections
+            (_sqlite_rejection(r, self.max_payload_bytes), r.message.dup) for r in rejections
         ]
         result: WriteResult = await self._thread.call(self._write, reading_rows, rejection_rows)
         return result

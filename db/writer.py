@@ -41,6 +41,8 @@ class WriteResult:
 class Writer(Protocol):
     """A storage backend: one idempotent transaction per batch."""
 
+    max_payload_bytes: int  # how much of a rejected payload is stored
+
     async def start(self) -> None: ...
 
     async def write(
