@@ -1,7 +1,8 @@
 """``ingestd demo``: a private mosquitto, the edge simulator and the daemon on the defaults.
 
 A first look for a new user: everything runs on this machine for about twenty seconds
-with a live one-line summary, then a final summary, and nothing is left running.
+with a live one-line summary, then a final summary, and nothing is left running. Without
+a mosquitto binary it falls back to an in-process amqtt broker (MQTT 3.1.1), and says so.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,10 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--bad-ratio", type=float, default=0.02, help="share of malformed messages")
     parser.add_argument("--mosquitto", help="path of the mosquitto binary (default: found on PATH)")
+    parser.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "amqtt"),
+        default="auto",
+        help="auto: mosquitto when installed, else an in-process amqtt broker",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     binary = args.mosquitto or next(filter(None, map(shutil.which, MOSQUITTO_CANDIDATES)), None)
+    if args.broker == "amqtt" or (args.broker == "auto" and binary is None):
+        if not _amqtt_installed():
+            print("ingestd demo: no mosquitto binary found and amqtt is not installed; install "
+                  "mosquitto (apt-get install mosquitto) or amqtt (pip install 'ingestd[demo]')",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        why = "no mosquitto binary found" if binary is None else "--broker amqtt"
+        print(f"demo: {why}: using an in-process amqtt broker (MQTT 3.1.1)")
+        return _demo(args, _free_port(), in_process_broker=True)
     if binary is None:
         print("ingestd demo: no mosquitto binary found; install it (apt-get install mosquitto) "
               "or pass --mosquitto PATH", file=sys.stderr)  # fmt: skip
@@ -47,6 +63,35 @@ def run(args: argparse.Namespace) -> int:
         _broker(binary, Path(workdir)) as port,
     ):
         return _demo(args, port)
+
+
+def _amqtt_installed() -> bool:
+    try:
+        import amqtt.broker  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def _amqtt_broker(port: int) -> AsyncIterator[None]:
+    """amqtt in this process: a fallback for a first look, not a production broker."""
+    from amqtt.broker import Broker  # noqa: PLC0415
+
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    print(f"demo: amqtt broker listening on 127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        await broker.shutdown()
 
 
 def _free_port(preferred: int = 0) -> int:
@@ -92,7 +137,7 @@ def _broker(binary: str, workdir: Path) -> Iterator[int]:
             process.kill()
 
 
-def _demo(args: argparse.Namespace, port: int) -> int:
+def _demo(args: argparse.Namespace, port: int, *, in_process_broker: bool = False) -> int:
     from daemon.cli import run_async  # noqa: PLC0415
     from daemon.logs import setup_logging  # noqa: PLC0415
     from daemon.supervisor import Supervisor, prepare_schema  # noqa: PLC0415
@@ -115,6 +160,12 @@ def _demo(args: argparse.Namespace, port: int) -> int:
     outcome: dict[str, int] = {}
 
     async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if in_process_broker:
+                await stack.enter_async_context(_amqtt_broker(port))
+            await traffic()
+
+    async def traffic() -> None:
         supervisor = Supervisor(config)
         daemon = asyncio.create_task(supervisor.run(install_signal_handlers=False), name="daemon")
         await supervisor.source.connected.wait()

@@ -89,6 +89,21 @@ def test_demo_runs_end_to_end_and_exits_zero(tmp_path: Path) -> None:
     assert (tmp_path / "var" / "ingestd.db").exists()
 
 
+def test_demo_falls_back_to_an_in_process_amqtt_broker(tmp_path: Path) -> None:
+    result = ingestd(
+        "demo", "--duration", "3", "--rate", "200", "--broker", "amqtt", cwd=tmp_path,
+        env={"INGESTD_METRICS__LISTEN": f"127.0.0.1:{free_port()}"}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "using an in-process amqtt broker (MQTT 3.1.1)" in result.stdout
+    final = result.stdout.strip().splitlines()[-1]
+    published = int(final.split("simulator published ")[1].split()[0])
+    stored = int(final.split("ingestd stored ")[1].split()[0])
+    rejections = int(final.split(" readings and ")[1].split()[0])
+    assert published == 600
+    assert stored + rejections == published
+
+
 def test_systemd_notify_ready_watchdog_stopping(
     tmp_path: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
