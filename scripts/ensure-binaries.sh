@@ -8,7 +8,8 @@
 # Usage: scripts/ensure-binaries.sh [--check] [--demo]
 #   --check: report only, exit 1 if something is missing
 #   --demo:  only what `ingestd demo` needs (mosquitto)
-# Without --demo it also wants docker-compose (Debian's, no engine) to validate docker-compose.yml.
+# Without --demo it also wants docker-compose (Debian's, no engine) to validate docker-compose.yml,
+# and promtool (Debian's prometheus package; its server is never started) to check deploy/prometheus/.
 set -euo pipefail
 
 check_only=0
@@ -55,6 +56,7 @@ if [[ $demo_only -eq 0 ]]; then
     }
     find_psql >/dev/null || { missing+=("psql"); packages+=(postgresql-client); }
     command -v docker-compose >/dev/null 2>&1 || { missing+=("docker-compose"); packages+=(docker-compose); }
+    command -v promtool >/dev/null 2>&1 || { missing+=("promtool"); packages+=(prometheus); }
 fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
@@ -109,6 +111,10 @@ printf '#!/bin/sh\n# temporary, from ingestd scripts/ensure-binaries.sh\nexit 10
 # that); we installed them only for the harness, so undo it without touching anything running.
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
     "${as_root[@]}" systemctl disable mosquitto.service postgresql.service >/dev/null 2>&1 || true
+    # Only when installed now: a Prometheus server the machine already runs stays enabled.
+    if [[ " ${packages[*]} " == *" prometheus "* ]]; then
+        "${as_root[@]}" systemctl disable prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 still_missing=0
@@ -117,6 +123,7 @@ if [[ $demo_only -eq 0 ]]; then
     find_pg_bindir >/dev/null || { echo "ensure-binaries: postgresql still missing" >&2; still_missing=1; }
     find_psql >/dev/null || { echo "ensure-binaries: psql still missing" >&2; still_missing=1; }
     command -v docker-compose >/dev/null 2>&1 || { echo "ensure-binaries: docker-compose still missing" >&2; still_missing=1; }
+    command -v promtool >/dev/null 2>&1 || { echo "ensure-binaries: promtool still missing" >&2; still_missing=1; }
 fi
 if [[ $still_missing -ne 0 ]]; then
     exit 1

@@ -663,9 +663,11 @@ def test_compose_file_passes_docker_compose_config(tmp_path: Path) -> None:
     assert (result.returncode, result.stderr.strip()) == (0, "")
 
 
-def test_compose_has_the_four_services_in_dependency_order(compose: dict[str, Any]) -> None:
+def test_compose_has_every_service_in_dependency_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"mosquitto", "timescaledb", "migrate", "ingestd"}
+    assert set(services) == {
+        "mosquitto", "timescaledb", "migrate", "ingestd", "prometheus", "grafana",
+    }  # fmt: skip
     assert services["migrate"]["depends_on"] == {"timescaledb": {"condition": "service_healthy"}}
     assert services["ingestd"]["depends_on"] == {
         "migrate": {"condition": "service_completed_successfully"},

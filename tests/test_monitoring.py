@@ -1,0 +1,478 @@
+"""The monitoring deploy files work with the daemon they monitor.
+
+deploy/prometheus/ passes `promtool check config`, `check rules` and its own rule unit tests
+(alerts.test.yml: every alert shown firing and not firing); the Grafana dashboard is valid for
+provisioning and wired to the provisioned datasource and the compose services; and a live
+`ingestd run` (real mosquitto and PostgreSQL) exports every metric, and every label, that the
+dashboard and the alert rules use. No Prometheus or Grafana server runs here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness.daemon import INGESTD, Daemon, publish_all
+from harness.servers import Mosquitto, unique_name, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+ALERT_TESTS = PROMETHEUS_DIR / "alerts.test.yml"
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA_DIR / "dashboards" / "ingestd.json"
+DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = GRAFANA_DIR / "provisioning" / "dashboards" / "ingestd.yml"
+COMPOSE = ROOT / "docker-compose.yml"
+
+# Families that get their first series only on a fault (a lost broker, a failing database,
+# a crashed agent, a full inbox or outbound queue): a healthy daemon declares them (HELP/TYPE)
+# without samples. Every other family the dashboard or the alerts use must have samples.
+FAULT_ONLY = {
+    "ingestd_mqtt_disconnects",
+    "ingestd_database_errors",
+    "ingestd_events_dropped",
+    "ingestd_agent_restarts",
+    "ingestd_queue_full_waits",
+}
+# Labels Prometheus adds to every scraped series, and the bucket label of histograms.
+TARGET_LABELS = {"job", "instance"}
+
+METRIC = re.compile(r"(?<![\w:])ingestd_[a-z0-9_]+(?![\w:])")
+BY_CLAUSE = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
+SELECTOR = re.compile(r"\{([^{}]*)\}")
+LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+ALERT_LABEL = re.compile(r"\$labels\.(\w+)")
+SERIES_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+    "info": ("_info",),
+    "stateset": ("",),
+    "unknown": ("",),
+}
+
+
+# ================================================================ extraction helpers
+
+
+def metric_names(text: str) -> set[str]:
+    """Every ingestd_* identifier in a PromQL expression (or runbook text)."""
+    return set(METRIC.findall(text))
+
+
+def label_names(expr: str) -> set[str]:
+    """Label names an expression selects on or aggregates by."""
+    names: set[str] = set()
+    for group in BY_CLAUSE.findall(expr):
+        names.update(part.strip() for part in group.split(",") if part.strip())
+    for selector in SELECTOR.findall(expr):
+        names.update(MATCHER.findall(selector))
+    return names
+
+
+@dataclass
+class Family:
+    kind: str
+    labels: set[str] = field(default_factory=set)
+    samples: int = 0
+
+
+@dataclass
+class Exported:
+    """What one scrape of /metrics offers: series name -> its family (name, kind, labels)."""
+
+    families: dict[str, Family]
+    series: dict[str, str]
+    totals: dict[str, float]  # series name -> sum over its samples
+
+    @classmethod
+    def parse(cls, text: str) -> Exported:
+        families: dict[str, Family] = {}
+        series: dict[str, str] = {}
+        totals: dict[str, float] = {}
+        for metric in text_string_to_metric_families(text):
+            family = families.setdefault(metric.name, Family(metric.type))
+            for suffix in SERIES_SUFFIXES[metric.type]:
+                series[metric.name + suffix] = metric.name
+            for sample in metric.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                series.setdefault(sample.name, metric.name)
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+                family.samples += 1
+                family.labels.update(sample.labels)
+        return cls(families, series, totals)
+
+    def problems(self, names: set[str]) -> list[str]:
+        """Why some of ``names`` are not usable: not exported, or no series on a healthy
+        daemon (outside FAULT_ONLY)."""
+        found = []
+        for name in sorted(names):
+            family = self.series.get(name)
+            if family is None:
+                found.append(f"{name}: not exported")
+            elif self.families[family].samples == 0 and family not in FAULT_ONLY:
+                found.append(f"{name}: declared but no series ({family})")
+        return found
+
+    def labels_of(self, names: set[str]) -> set[str] | None:
+        """Labels the series of ``names`` can carry; None when one has no samples to tell."""
+        labels = set(TARGET_LABELS)
+        for name in names:
+            family = self.families[self.series[name]]
+            if family.samples == 0:
+                return None
+            labels |= family.labels | ({"le"} if family.kind == "histogram" else set())
+        return labels
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(where, expr, legend) for every panel target and every query variable."""
+
+    def walk(panels: list[dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
+        for panel in panels:
+            for target in panel.get("targets", []):
+                where = f"panel {panel.get('title')!r} target {target.get('refId')}"
+                yield where, target.get("expr", ""), target.get("legendFormat", "")
+            yield from walk(panel.get("panels", []))
+
+    yield from walk(dashboard["panels"])
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") == "query":
+            query = variable.get("query")
+            expr = query.get("query", "") if isinstance(query, dict) else str(query or "")
+            yield f"variable {variable['name']!r}", expr, ""
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_extractors_read_promql() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le) (rate(ingestd_write_duration_seconds_bucket"
+        '{job="ingestd", instance=~"$instance"}[5m]))) / on(instance) ingestd_inflight_window'
+    )
+    assert metric_names(expr) == {
+        "ingestd_write_duration_seconds_bucket",
+        "ingestd_inflight_window",
+    }
+    assert label_names(expr) == {"le", "job", "instance"}
+    assert metric_names('up{job="ingestd"} + foo_ingestd_x + ingestd:recorded') == set()
+    text = (
+        "# HELP ingestd_x_total x\n# TYPE ingestd_x_total counter\n"
+        '# HELP ingestd_h h\n# TYPE ingestd_h histogram\ningestd_h_bucket{le="1.0"} 1.0\n'
+        "ingestd_h_count 1.0\ningestd_h_sum 0.5\n"
+    )
+    exported = Exported.parse(text)
+    assert exported.problems({"ingestd_h_bucket", "ingestd_h_sum"}) == []
+    assert exported.problems({"ingestd_x_total", "ingestd_h", "ingestd_y"}) == [
+        "ingestd_h: not exported",
+        "ingestd_x_total: declared but no series (ingestd_x)",
+        "ingestd_y: not exported",
+    ]
+    assert exported.labels_of({"ingestd_h_bucket"}) == {"job", "instance", "le"}
+
+
+# ================================================================ promtool
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    if binary is None:  # pragma: no cover - make test installs it (scripts/ensure-binaries.sh)
+        pytest.skip("promtool is not installed: run scripts/ensure-binaries.sh (prometheus)")
+    # From the config's directory, as Prometheus resolves rule_files relative to it anyway.
+    return subprocess.run(
+        [binary, *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@pytest.mark.timeout(30)
+def test_prometheus_config_passes_promtool() -> None:
+    result = promtool("check", "config", PROMETHEUS_CONFIG.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout  # rule_files resolved, alerts.yml loaded
+
+
+@pytest.mark.timeout(30)
+def test_alert_rules_pass_promtool() -> None:
+    result = promtool("check", "rules", ALERTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(alert_rules())} rules found" in result.stdout
+
+
+@pytest.mark.timeout(30)
+def test_alert_rule_unit_tests_pass() -> None:
+    result = promtool("test", "rules", ALERT_TESTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@pytest.mark.timeout(10)
+def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in load_yaml(ALERT_TESTS)["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert fires == names
+    assert quiet == names
+
+
+@pytest.mark.timeout(10)
+def test_alerts_carry_severity_duration_and_a_runbook() -> None:
+    rules = alert_rules()
+    assert {rule["alert"] for rule in rules} == {
+        "IngestdDown",
+        "IngestdNotReady",
+        "IngestdSpoolGrowing",
+        "IngestdSpoolOld",
+        "IngestdRejectionRatioHigh",
+        "IngestdDeviceSilent",
+    }
+    for rule in rules:
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), f"{rule['alert']}: no for:"
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        assert len(rule["annotations"]["description"]) > 80, f"{rule['alert']}: no runbook"
+        assert 'job="ingestd"' in rule["expr"], f"{rule['alert']}: select the ingestd job"
+
+
+# ================================================================ Grafana and compose wiring
+
+
+@pytest.mark.timeout(10)
+def test_dashboard_is_valid_for_provisioning() -> None:
+    dashboard = load_json(DASHBOARD)
+    assert dashboard["uid"] == "ingestd-overview"  # stable: links and bookmarks keep working
+    assert dashboard["title"]
+    assert dashboard["schemaVersion"] >= 36  # Grafana 9+; 10/11/12 migrate it on load
+    assert dashboard.get("id") is None  # provisioning assigns the id
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 20
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    provisioned = load_yaml(DATASOURCES)["datasources"]
+    assert variables["datasource"]["current"]["value"] == provisioned[0]["uid"]
+    for panel in panels:
+        title = panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, title
+        assert panel["targets"], f"{title}: no targets"
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), f"{title}: duplicate refId"
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], title
+            assert target["expr"].strip(), f"{title}: empty expr"
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, title
+        assert grid["h"] > 0, title
+        assert panel.get("description"), f"{title}: say what the panel shows"
+
+
+@pytest.mark.timeout(10)
+def test_dashboard_covers_what_operators_watch() -> None:
+    used = set()
+    for _, expr, _ in dashboard_queries(load_json(DASHBOARD)):
+        used |= metric_names(expr)
+    must = {
+        "ingestd_messages_received_total",  # throughput
+        "ingestd_readings_stored_total",
+        "ingestd_readings_duplicate_total",
+        "ingestd_messages_rejected_total",  # rejections by reason
+        "ingestd_end_to_end_latency_seconds_bucket",
+        "ingestd_write_duration_seconds_bucket",
+        "ingestd_queue_depth",
+        "ingestd_inflight_messages",
+        "ingestd_inflight_window",
+        "ingestd_intake_paused",
+        "ingestd_spool_bytes",
+        "ingestd_spool_readings",
+        "ingestd_spool_oldest_age_seconds",
+        "ingestd_spool_full",
+        "ingestd_mqtt_connected",
+        "ingestd_database_up",
+        "ingestd_mqtt_connects_total",
+        "ingestd_mqtt_disconnects_total",
+        "ingestd_device_last_seen_timestamp_seconds",
+        "ingestd_agent_up",
+        "ingestd_agent_restarts_total",
+        "ingestd_events_published_total",
+        "ingestd_events_dropped_total",
+    }
+    assert must <= used, f"dashboard lost {sorted(must - used)}"
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path (or volume name) of a compose service."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+
+
+@pytest.mark.timeout(10)
+def test_compose_wires_prometheus_and_grafana_to_the_deploy_files() -> None:
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert _mounts(prometheus)["/etc/prometheus"] == "./deploy/prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    # prometheus.yml scrapes the ingestd service on the port it listens on in compose.
+    listen = services["ingestd"]["environment"]["INGESTD_METRICS__LISTEN"]
+    config = load_yaml(PROMETHEUS_CONFIG)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = jobs["ingestd"]["static_configs"][0]["targets"]
+    assert targets == [f"ingestd:{listen.rpartition(':')[2]}"]
+    assert config["rule_files"] == [ALERTS.name]
+    # Grafana: provisioning and dashboards mounted where the provider looks.
+    mounts = _mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    provider = load_yaml(DASHBOARD_PROVIDERS)["providers"][0]
+    assert mounts[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+    assert provider["type"] == "file"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+    datasource = load_yaml(DATASOURCES)["datasources"][0]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    assert datasource["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+    for name in ("prometheus-data", "grafana-data"):
+        assert name in compose["volumes"]
+    # Unauthenticated UIs: published on this host only.
+    for service in (prometheus, grafana):
+        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+
+
+# ================================================================ against a live daemon
+
+
+def _migrate(url: str) -> None:
+    result = subprocess.run(
+        [str(INGESTD), "migrate"],
+        env={"INGESTD_DATABASE__URL": url, "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def _traffic(prefix: str) -> list[tuple[str, bytes]]:
+    """Good readings from two devices and two kinds of bad messages, so labelled series
+    (reason, device_id, kind, inbox) exist."""
+    good = [
+        (f"sensors/{prefix}-{device}/temp", b'{"value": %d, "ts": %d}' % (i, 1_790_000_000 + i))
+        for device in ("a", "b")
+        for i in range(3)
+    ]
+    bad = [
+        (f"sensors/{prefix}-a/temp", b"{not json"),
+        (f"sensors/{prefix}-b/temp", b'{"value": "hot"}'),
+    ]
+    return good + bad
+
+
+@pytest.fixture
+def live_daemon(tmp_path: Path, mosquitto: Mosquitto, pg_url: str) -> Iterator[Daemon]:
+    """`ingestd run` on PostgreSQL (the compose setup: spool, drainer and their metrics live)."""
+    _migrate(pg_url)
+    daemon = Daemon(
+        tmp_path / "daemon",
+        {
+            "INGESTD_MQTT__URL": mosquitto.url,
+            "INGESTD_MQTT__CLIENT_ID": unique_name("ingestd-monitoring-"),
+            "INGESTD_DATABASE__URL": pg_url,
+        },
+    )
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def _used_by_alerts() -> list[tuple[str, str, set[str]]]:
+    """(alert, text with metric names, labels used) per alert rule."""
+    found = []
+    for rule in alert_rules():
+        notes = " ".join(rule["annotations"].values())
+        labels = label_names(rule["expr"]) | set(ALERT_LABEL.findall(notes))
+        found.append((rule["alert"], f"{rule['expr']} {notes}", labels))
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_dashboard_and_alerts_use_only_what_the_daemon_exports(
+    live_daemon: Daemon, mosquitto: Mosquitto
+) -> None:
+    uses: list[tuple[str, set[str], set[str]]] = [
+        (where, metric_names(expr), label_names(expr) | set(LEGEND_LABEL.findall(legend)))
+        for where, expr, legend in dashboard_queries(load_json(DASHBOARD))
+    ]
+    uses += [(f"alert {a}", metric_names(text), labels) for a, text, labels in _used_by_alerts()]
+    wanted = set().union(*(names for _, names, _ in uses))
+    # Explicit, so a rename on either side fails here: the per-device staleness gauge and the
+    # readiness gauge the alerts and the dashboard are built on.
+    assert {"ingestd_device_last_seen_timestamp_seconds", "ingestd_ready"} <= wanted
+
+    traffic = _traffic(unique_name("dev"))
+    publish_all(mosquitto.port, traffic)
+    scrape: dict[str, Exported] = {}
+
+    def settled() -> bool:
+        status, text = live_daemon.http("/metrics")
+        assert status == 200, f"/metrics answered {status}"
+        scrape["last"] = exported = Exported.parse(text)
+        return (
+            exported.totals.get("ingestd_messages_received_total", 0) >= len(traffic)
+            and exported.totals.get("ingestd_inflight_messages") == 0
+            and not exported.problems(wanted)
+        )
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(settled, 20, interval=0.1)
+    exported = scrape["last"]
+    problems = [
+        f"{where}: {problem}" for where, names, _ in uses for problem in exported.problems(names)
+    ]
+    assert not problems, "metrics the daemon does not export:\n" + "\n".join(problems)
+
+    wrong_labels = []
+    for where, names, labels in uses:
+        known = exported.labels_of(names)
+        if known is not None and not labels <= known:
+            wrong_labels.append(f"{where}: {sorted(labels - known)} not on {sorted(names)}")
+    assert not wrong_labels, "labels the daemon's series do not carry:\n" + "\n".join(wrong_labels)
+
+    # The labelled series the panels split by are really there, with the values published.
+    last_seen = exported.families["ingestd_device_last_seen_timestamp_seconds"]
+    assert last_seen.kind == "gauge"
+    assert last_seen.samples >= 2
+    assert exported.families["ingestd_messages_rejected"].samples >= 2  # two reasons
