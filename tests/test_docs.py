@@ -1,0 +1,60 @@
+"""docs/operations.md names every config key, every metric and every alert that exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+
+from daemon.config import Config
+from daemon.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
+DOCUMENTED = set(re.findall(r"`([a-z_.]+)", OPERATIONS))
+
+
+def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.default, BaseModel):
+            keys += config_keys(type(field.default), f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def metric_names() -> set[str]:
+    metrics = Metrics(CollectorRegistry())
+    metrics.info.info({"version": "test"})
+    names = set()
+    for family in metrics.registry.collect():
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "info":
+            names.add(family.name + "_info")
+        else:
+            names.add(family.name)
+    return names
+
+
+@pytest.mark.parametrize("key", config_keys(Config))
+def test_every_config_key_is_documented(key: str) -> None:
+    assert key in DOCUMENTED, f"{key} is missing from docs/operations.md"
+
+
+@pytest.mark.parametrize("name", sorted(metric_names()))
+def test_every_metric_is_documented(name: str) -> None:
+    assert name in DOCUMENTED, f"{name} is missing from docs/operations.md"
+
+
+def test_every_alert_is_documented() -> None:
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    alerts = [r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r]
+    assert alerts
+    missing = [a for a in alerts if f"`{a}`" not in OPERATIONS]
+    assert not missing, f"alerts missing from docs/operations.md: {missing}"
