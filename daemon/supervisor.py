@@ -398,12 +398,13 @@ class Supervisor:
 def prepare_schema(config: Config) -> str | None:
     """Migrate the embedded SQLite file; check a PostgreSQL schema. Returns a problem or None."""
     import asyncpg  # noqa: PLC0415
-    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
     from db.schema import SchemaError, ensure_current, upgrade  # noqa: PLC0415
 
     url = config.database_url
     if url.startswith("sqlite:///"):
+        from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
         try:
             upgrade(url)
         except (SQLAlchemyError, OSError) as exc:
@@ -413,13 +414,7 @@ def prepare_schema(config: Config) -> str | None:
         asyncio.run(ensure_current(url, config.database.connect_timeout_seconds))
     except SchemaError as exc:
         return str(exc)
-    except (
-        SQLAlchemyError,
-        OSError,
-        TimeoutError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # An edge host may boot before its uplink: start anyway, writes retry until it answers.
         log.error(  # noqa: TRY400 - an expected outage, not a bug: no traceback
             "database unreachable at start; schema not verified", extra={"error": repr(exc)}

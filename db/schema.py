@@ -1,19 +1,22 @@
-"""Schema management: apply Alembic migrations, and tell an outdated schema from a current one."""
+"""Schema management: apply Alembic migrations, and tell an outdated schema from a current one.
+
+Alembic and SQLAlchemy are imported only where they are used: checking a PostgreSQL
+schema at start-up needs neither, and importing them costs more than a second of start-up
+on a small edge host.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 
 class SchemaError(Exception):
@@ -33,6 +36,8 @@ def async_url(url: str) -> str:
 
 
 def _alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig  # noqa: PLC0415
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
     # '%' is ConfigParser interpolation syntax; percent-encoded passwords contain it.
@@ -41,13 +46,20 @@ def _alembic_config(url: str) -> AlembicConfig:
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
-    assert head is not None
-    return head
+    return migrations.HEAD
+
+
+def scripts_head() -> str | None:
+    """The head revision as Alembic reads it from the migration scripts."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
 
 
 def upgrade(url: str) -> None:
     """Apply every migration (blocking; runs its own event loop, so call it off-loop)."""
+    from alembic import command  # noqa: PLC0415
+
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(_alembic_config(url), "head")
@@ -57,8 +69,10 @@ async def current_revision(url: str, timeout_seconds: float = 10.0) -> str | Non
     """The revision the database is at, or None when it was never migrated."""
     if url.startswith(("postgresql://", "postgres://")):
         return await _postgres_revision(url, timeout_seconds)
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
 
-    def read(connection: Connection) -> str | None:
+    def read(connection: Any) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
     engine = create_async_engine(async_url(url))

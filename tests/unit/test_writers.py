@@ -21,7 +21,7 @@ from harness.servers import Postgres
 from agents.events import RawMessage, RejectedMessage
 from agents.registry import DeviceInfo, DeviceRegistry
 from db.postgres import PostgresWriter
-from db.schema import SchemaError, ensure_current, head_revision, upgrade
+from db.schema import SchemaError, ensure_current, head_revision, scripts_head, upgrade
 from db.sqlite import SqliteWriter
 from db.writer import RowRejected, StorageError, WriteResult
 from edge import codecs
@@ -287,6 +287,11 @@ async def test_load_devices_feeds_the_registry(backend: Backend) -> None:
         site="berlin", unit="degC", min_value=0.0, max_value=80.0
     )
     assert registry.lookup("d2", "x") == DeviceInfo(line="L2")
+
+
+def test_the_recorded_head_is_the_newest_migration() -> None:
+    # migrations.HEAD spares `ingestd run` importing Alembic: it must move with every migration.
+    assert head_revision() == scripts_head()
 
 
 async def test_ensure_current_sqlite(tmp_path: Path) -> None:
