@@ -36,3 +36,9 @@ lint: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache var
+
+# Development CA, certificates and passwords for mosquitto/mosquitto.prod.conf, in var/dev-certs
+# (or DEV_CERTS_DIR); keeps what exists. See mosquitto/README.md.
+.PHONY: dev-certs
+dev-certs:
+	scripts/dev-certs.sh $(DEV_CERTS_DIR)

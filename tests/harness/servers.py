@@ -259,11 +259,22 @@ class Mosquitto:
     START_TIMEOUT = 10.0
     STOP_TIMEOUT = 10.0
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra_conf: str = "",
+        config: Callable[[Mosquitto], str] | None = None,
+    ) -> None:
+        """``config``, when given, writes the whole config instead of the harness's own: it
+        is called with the broker on every start, so it can put ``port`` (the listener the
+        harness waits for) and ``state_dir`` (writable by the broker's user) into a shipped
+        config; ``extra_conf`` is appended to what it returns."""
         self.workdir = Path(workdir)
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
         self.extra_conf = extra_conf
+        self._config = config
         self.conf_path = self.workdir / "mosquitto.conf"
         # Everything the broker writes after dropping privileges lives in state_dir.
         self.state_dir = self.workdir / "state"
@@ -298,11 +309,20 @@ class Mosquitto:
         """The user the broker drops to when started as root (None when not root)."""
         if not _is_root():
             return None
-        match = re.search(r"^\s*user\s+(\S+)\s*$", self.extra_conf, re.MULTILINE)
+        text = self.extra_conf if self._config is None else self._render_config()
+        match = re.search(r"^\s*user\s+(\S+)\s*$", text, re.MULTILINE)
         return match.group(1) if match else "mosquitto"
 
     # -- lifecycle
+    def _render_config(self) -> str:
+        assert self._config is not None
+        return f"{self._config(self)}\n{self.extra_conf}\n"
+
     def _write_config(self) -> None:
+        if self._config is not None:
+            self.conf_path.write_text(self._render_config())
+            self.conf_path.chmod(0o644)
+            return
         conf = f"""\
 # written by tests/harness/servers.py
 listener {self.port} {HOST}
