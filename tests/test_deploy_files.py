@@ -391,6 +391,8 @@ def test_unit_runs_ingestd_as_a_notify_service_with_watchdog(unit: Path) -> None
     assert _one(svc, "Type") == "notify"
     assert _one(svc, "NotifyAccess") == "main"
     assert shlex.split(_one(svc, "ExecStart")) == [f"{VENV}/bin/ingestd", "run"]
+    # `systemctl reload` sends SIGHUP to the daemon itself (tests/e2e/test_reload.py).
+    assert shlex.split(_one(svc, "ExecReload")) == ["/bin/kill", "-HUP", "$MAINPID"]
     assert _timespan_seconds(_one(svc, "WatchdogSec")) == 30
     assert _one(svc, "Restart") == "on-failure"
     assert _timespan_seconds(_one(svc, "RestartSec")) == 2
