@@ -50,16 +50,15 @@ class Publisher(Agent):
     ) -> None:
         super().__init__(bus, metrics, inbox)
         self._send = send
-        self._prefix = prefix
-        self._processed = processed
-        self._processed_qos = processed_qos
-        self._failed_qos = failed_qos
-        self._max_payload_bytes = max_payload_bytes
         self._event_prefix = os.urandom(4).hex() + "-e"
         self._event_seq = 0
         self._published = metrics.events_published
         self._dropped = metrics.events_dropped
         self._processed_topics: dict[tuple[str, str], str] = {}
+        self.reconfigure(
+            prefix=prefix, processed=processed, processed_qos=processed_qos,
+            failed_qos=failed_qos, max_payload_bytes=max_payload_bytes,
+        )  # fmt: skip
 
     def reconfigure(
         self,

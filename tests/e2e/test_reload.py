@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,17 +44,34 @@ def log_events(daemon: Daemon, message: str) -> list[dict[str, object]]:
     return events
 
 
+@dataclass
+class Setup:
+    daemon: Daemon
+    database: Path
+    registry: Path
+    config: Path
+
+
+@pytest.fixture
+def running(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Setup:
+    """A daemon started with ``-c ingestd.toml``: SQLite, a registry file, a 1000-byte limit."""
+    setup = Setup(
+        daemon_factory(), tmp_path / "readings.db", tmp_path / "devices.toml",
+        tmp_path / "ingestd.toml",
+    )  # fmt: skip
+    setup.registry.write_text('[[devices]]\ndevice_id = "d1"\nsite = "north"\n')
+    setup.config.write_text(config_text(setup.database, setup.registry, max_payload=1000))
+    setup.daemon.args = ("-c", str(setup.config))
+    setup.daemon.start()
+    return setup
+
+
 def test_sighup_applies_registry_and_limits_live_and_keeps_a_bad_config_out(
-    tmp_path: Path, mosquitto: Mosquitto, daemon_factory: Callable[..., Daemon]
+    running: Setup, mosquitto: Mosquitto
 ) -> None:
-    database = tmp_path / "readings.db"
-    registry = tmp_path / "devices.toml"
-    config = tmp_path / "ingestd.toml"
-    registry.write_text('[[devices]]\ndevice_id = "d1"\nsite = "north"\n')
-    config.write_text(config_text(database, registry, max_payload=1000))
-    daemon = daemon_factory()
-    daemon.args = ("-c", str(config))
-    daemon.start()
+    daemon, database, registry, config = (
+        running.daemon, running.database, running.registry, running.config
+    )  # fmt: skip
 
     def send(value: float, padding: int = 0) -> None:
         body = json.dumps({"value": value, "ts": 1_700_000_000 + value, "pad": "x" * padding})
@@ -87,16 +105,11 @@ def test_sighup_applies_registry_and_limits_live_and_keeps_a_bad_config_out(
 
 
 def test_sighup_reconnects_for_broker_changes_and_names_what_needs_a_restart(
-    tmp_path: Path, mosquitto: Mosquitto, daemon_factory: Callable[..., Daemon]
+    running: Setup, mosquitto: Mosquitto
 ) -> None:
-    database = tmp_path / "readings.db"
-    registry = tmp_path / "devices.toml"
-    config = tmp_path / "ingestd.toml"
-    registry.write_text('[[devices]]\ndevice_id = "d1"\nsite = "north"\n')
-    config.write_text(config_text(database, registry, max_payload=1000))
-    daemon = daemon_factory()
-    daemon.args = ("-c", str(config))
-    daemon.start()
+    daemon, database, registry, config = (
+        running.daemon, running.database, running.registry, running.config
+    )  # fmt: skip
     connects = daemon.metric("ingestd_mqtt_connects_total")
 
     # A new source (another topic filter) needs a new subscription: a reconnect. A new
