@@ -49,7 +49,9 @@ __all__ = [
     "cpu_seconds",
     "free_port",
     "metrics",
+    "open_fds",
     "peak_rss_mb",
+    "rss_mb",
 ]
 
 
@@ -129,6 +131,17 @@ class BenchEnv:
             self.postgres.psql(f"SELECT count(*) FROM {table}", dbname=url.rsplit("/", 1)[1])
         )
 
+    def reading_stats(self, url: str) -> dict[str, int]:
+        """What the checks at the end of a scenario need: rows, distinct unique keys, the sum
+        of ``seq`` (a checksum when seq is the reading's index) and rejections stored."""
+        out = self.postgres.psql(
+            "SELECT count(*), count(DISTINCT (device_id, sensor_id, ts)), coalesce(sum(seq), 0),"
+            " (SELECT count(*) FROM rejected_messages) FROM sensor_readings",
+            dbname=url.rsplit("/", 1)[1],
+        )
+        rows, keys, seq_sum, rejected = (int(v) for v in out.split("|"))
+        return {"rows": rows, "distinct_keys": keys, "seq_sum": seq_sum, "rejected": rejected}
+
     def machine(self) -> dict[str, Any]:
         """What the numbers depend on, for the JSON report."""
         return {
@@ -177,6 +190,19 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def rss_mb(pid: int) -> float:
+    """Current resident set size (``VmRSS``) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """File descriptors a live process holds open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

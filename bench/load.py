@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 TOPIC_FILTER = "sensors/+/+"
 DEVICES = 100
 SENSORS = ("temperature", "vibration", "pressure", "current")
+TOPICS = tuple(f"sensors/dev-{d:03d}/{s}" for d in range(DEVICES) for s in SENSORS)
 BASE_TS = datetime(2026, 1, 1, tzinfo=UTC)
 PUBLISH_WINDOW = 20_000  # unacknowledged PUBLISHes on the wire (packet ids must stay unique)
 CHUNK = 1_000  # packets per sendall()
@@ -44,15 +45,14 @@ def readings(n: int) -> Iterable[tuple[str, bytes]]:
     ``(device_id, sensor_id, ts)`` is unique and every reading must become one new row.
     The payload is formatted by hand (faster than ``json.dumps``, and still valid JSON).
     """
-    topics = [f"sensors/dev-{d:03d}/{s}" for d in range(DEVICES) for s in SENSORS]
     ts = ""
     for i in range(n):
-        seq, series = divmod(i, len(topics))
+        seq, series = divmod(i, len(TOPICS))
         if series == 0:
             ts = (BASE_TS + timedelta(seconds=seq)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         value = 20.0 + (i % 997) / 10.0
         payload = f'{{"value": {value:.2f}, "ts": "{ts}", "unit": "degC", "seq": {seq}}}'
-        yield topics[series], payload.encode()
+        yield TOPICS[series], payload.encode()
 
 
 # ------------------------------------------------------------------------- MQTT packets
@@ -238,19 +238,30 @@ def broker_store_count(port: int, timeout: float = 5.0) -> int:
 
 @dataclass(frozen=True)
 class Backlog:
-    """What was queued for a consumer and how long queueing took."""
+    """What was queued for the consumers and how long queueing took."""
 
-    client_id: str
+    client_ids: tuple[str, ...]
     readings: int
     publish_seconds: float
     store_count: int
 
 
 def queue_backlog(
-    broker_port: int, broker_log: Callable[[], str], client_id: str, n: int
+    broker_port: int,
+    broker_log: Callable[[], str],
+    client_ids: str | Sequence[str],
+    n: int,
+    topic_filter: str = TOPIC_FILTER,
 ) -> Backlog:
-    """Create ``client_id``'s session, queue ``n`` readings, check the broker holds them."""
-    create_session(broker_port, client_id)
+    """Create the sessions, queue ``n`` readings, check the broker holds them.
+
+    With several client ids and a ``$share/<group>/...`` filter, the broker queues each
+    message for one of them (mosquitto 2.0 takes turns, also between offline sessions):
+    the store count still grows by ``n``, one stored copy per message.
+    """
+    ids = (client_ids,) if isinstance(client_ids, str) else tuple(client_ids)
+    for client_id in ids:
+        create_session(broker_port, client_id, topic_filter)
     before = broker_store_count(broker_port)
     started = time.monotonic()
     RawPublisher(broker_port).publish(publish_packets(n))
@@ -258,7 +269,7 @@ def queue_backlog(
     after = _wait_store_count(broker_port, before + n)
     if "dropped" in broker_log():
         raise PublishError("the broker log reports dropped messages: raise max_queued_messages")
-    return Backlog(client_id, n, publish_seconds, after)
+    return Backlog(ids, n, publish_seconds, after)
 
 
 def _wait_store_count(port: int, expected: int, timeout: float = 15.0) -> int:

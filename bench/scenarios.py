@@ -1,87 +1,40 @@
 """Benchmark scenarios: each prepares its own servers and data, runs, and returns one ``Row``.
 
-A scenario is a small class with a ``name``, a ``describe`` line and ``run(env, readings)``.
-Add one by subclassing ``Scenario`` and listing it in ``SCENARIOS``; ``run.py`` runs the
-selected ones in order, ``--runs`` times, and reports medians.
+A scenario is a small class with a ``name``, a ``describe`` line and ``run(env, readings,
+run)``. Add one by subclassing ``Scenario`` (``base.py``) and listing it in ``SCENARIOS``;
+``run.py`` runs the selected ones ``--runs`` times, interleaved, and reports medians.
 
-The three drain scenarios share one shape: a fresh broker, a persistent session pre-filled
+The drain scenarios here share one shape: a fresh broker, a persistent session pre-filled
 with the backlog (``load.queue_backlog``), then the consumer starts and the clock runs from
 its process start until its last reading is handled (counted for the ceiling, committed for
-the naive consumer and ingestd).
+the naive consumer and ingestd). The live-traffic scenarios (latency, soak, catch-up) are
+in ``live_scenarios.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import load
-from env import (
-    INGESTD,
-    BenchEnv,
-    CpuMeter,
-    cpu_seconds,
-    free_port,
-    ingestd_env,
-    metrics,
-    peak_rss_mb,
-)
+from base import Options, Row, Scenario, ScenarioError, check_readings
+from env import BenchEnv, CpuMeter, cpu_seconds, peak_rss_mb
+from ingestd_process import DaemonProcess, wait_stored
+from live_scenarios import CatchUp, Latency, LatencyFloor, Soak
+from proxy import DelayProxy
+
+__all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Options", "Row", "Scenario", "check_readings"]
 
 CONSUMERS = Path(__file__).with_name("consumers.py")
-STALL_SECONDS = 30.0  # a drain with no progress for this long is reported as failed
-POLL_SECONDS = 0.1
-TIMELINE_SECONDS = 1.0  # ingestd's gauges are sampled this often into details["timeline"]
-TIMELINE_KEYS = {
-    "ingestd_messages_received_total": "received",
-    "ingestd_readings_stored_total": "stored",
-    "ingestd_inflight_messages": "inflight",
-    "ingestd_intake_paused": "paused",
-}
 NAIVE_MAX_READINGS = 40_000  # one INSERT per message runs at ~2-4k/s: keep it under ~20 s
-
-
-@dataclass
-class Row:
-    """One scenario run: the numbers the table shows, plus details for the JSON file."""
-
-    scenario: str
-    run: int
-    readings: int
-    seconds: float | None = None  # consumer process start -> last reading handled
-    msg_per_s: float | None = None
-    peak_rss_mb: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    def finish(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.msg_per_s = self.readings / seconds if seconds > 0 else None
-
-
-class ScenarioError(RuntimeError):
-    """A scenario could not complete; the message says what was seen."""
-
-
-class Scenario(ABC):
-    """Base class: a named measurement that returns a ``Row``."""
-
-    name: ClassVar[str]
-    describe: ClassVar[str]
-
-    def readings_for(self, requested: int) -> int:
-        """How many readings this scenario uses when ``requested`` were asked for."""
-        return requested
-
-    @abstractmethod
-    def run(self, env: BenchEnv, readings: int, run: int) -> Row:
-        """Measure once and return the result row."""
+SHARED_GROUP = "bench"
+MIN_SHARE = 0.25  # scale-out: each instance must store at least this share to count as working
 
 
 # ------------------------------------------------------------------ reference consumers
@@ -167,195 +120,60 @@ class Ingestd(Scenario):
     """``ingestd run`` draining its own persistent session into a fresh PostgreSQL database."""
 
     name = "ingestd"
-    describe = "ingestd run, default settings, PostgreSQL"
+    describe = "ingestd run, default settings, PostgreSQL on loopback"
     settings: ClassVar[dict[str, str]] = {}  # extra INGESTD_* variables for variants
+
+    def delay_ms(self) -> float | None:
+        """One-way delay of a ``DelayProxy`` between ingestd and PostgreSQL; None: direct."""
+        return None
 
     def run(self, env: BenchEnv, readings: int, run: int) -> Row:
         row = Row(self.name, run, readings)
         workdir = env.workdir(self.name)
         dsn = env.database(self.name)
-        with env.broker(workdir) as broker:
-            client_id = f"bench-ingestd-{run}"
+        with env.broker(workdir) as broker, self._link(env, dsn, row) as daemon_dsn:
+            client_id = f"bench-{self.name}-{run}"
             backlog = load.queue_backlog(broker.port, broker.log_text, client_id, readings)
             row.details["publish_seconds"] = round(backlog.publish_seconds, 3)
-            daemon = DaemonProcess(workdir, broker.url, client_id, dsn, self.settings)
+            daemon = DaemonProcess(workdir, broker.url, client_id, daemon_dsn, self.settings)
             meter = CpuMeter(env, broker)
             meter.start()
             try:
-                self._drain(daemon, row)
-                row.details["cpu_seconds"] = {
-                    "consumer": round(cpu_seconds(daemon.pid), 2),
-                    **meter.stop(),
-                }
+                started = time.time()
+                daemon.start()
+                timeline: list[dict[str, float]] = []
+                row.details["timeline"] = timeline
+                drained = wait_stored([daemon], readings, started, timeline=timeline)
+                row.finish(drained.done - started)
+                row.peak_rss_mb = peak_rss_mb(daemon.pid)
+                first = drained.first_stored or drained.done
+                row.details.update(
+                    startup_seconds=round(first - started, 3),
+                    drain_seconds=round(drained.done - first, 3),
+                    cpu_seconds={"consumer": round(cpu_seconds(daemon.pid), 2), **meter.stop()},
+                    **daemon.summary(),
+                )
             finally:
                 row.details["exit_code"] = daemon.stop()
-        stored = env.count_rows(dsn)
-        env.drop_database(dsn)
-        row.details["rows"] = stored
-        if stored != readings:
-            raise ScenarioError(f"{stored} rows in sensor_readings, expected {readings}")
+        check_readings(env, dsn, readings, row)
         if row.details["exit_code"] != 0:
             raise ScenarioError(
                 f"ingestd exited {row.details['exit_code']} on SIGTERM:\n{daemon.log_tail()}"
             )
         return row
 
-    def _drain(self, daemon: DaemonProcess, row: Row) -> None:
-        """Start the daemon and wait until every reading is stored; fill in ``row``."""
-        started = time.time()
-        daemon.start()
-        first_stored: float | None = None
-        progress = (0.0, time.monotonic())
-        timeline: list[dict[str, float]] = []
-        row.details["timeline"] = timeline
-        while True:
-            time.sleep(POLL_SECONDS)
-            daemon.check_alive()
-            sample = daemon.metrics()
-            stored = sample.get("ingestd_readings_stored_total", 0.0)
-            now = time.time()
-            if not timeline or now - started >= timeline[-1]["t"] + TIMELINE_SECONDS:
-                timeline.append(_timeline_point(now - started, sample))
-            if stored and first_stored is None:
-                first_stored = now
-            if stored >= row.readings:
-                break
-            if stored != progress[0]:
-                progress = (stored, time.monotonic())
-            elif time.monotonic() - progress[1] > STALL_SECONDS:
-                raise ScenarioError(
-                    f"ingestd stalled at {stored:.0f} of {row.readings} stored\n"
-                    f"{daemon.diagnostics()}\n{daemon.log_tail()}"
-                )
-        row.finish(now - started)
-        row.peak_rss_mb = peak_rss_mb(daemon.pid)
-        row.details.update(
-            startup_seconds=round((first_stored or now) - started, 3),
-            drain_seconds=round(now - (first_stored or started), 3),
-            **daemon.summary(),
-        )
-
-
-class DaemonProcess:
-    """One ``ingestd run`` subprocess with its metrics port and log file."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        broker_url: str,
-        client_id: str,
-        dsn: str,
-        settings: dict[str, str] | None = None,
-    ) -> None:
-        self.workdir = workdir
-        self.metrics_port = free_port()
-        self.log_path = workdir / "ingestd.log"
-        self.env = ingestd_env(
-            {
-                "INGESTD_MQTT__URL": broker_url,
-                "INGESTD_MQTT__CLIENT_ID": client_id,
-                "INGESTD_DATABASE__URL": dsn,
-                "INGESTD_METRICS__LISTEN": f"127.0.0.1:{self.metrics_port}",
-                "INGESTD_LOG__LEVEL": "WARNING",
-                "INGESTD_DAEMON__STATE_DIR": str(workdir / "state"),
-                **(settings or {}),
-            }
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(INGESTD), "run"], cwd=self.workdir, env=self.env, stdout=log, stderr=log
-            )
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise ScenarioError(
-                f"ingestd exited with {self.process.returncode}:\n{self.log_tail()}"
-            )
-
-    def metrics(self) -> dict[str, float]:
-        try:
-            return metrics(self.metrics_port)
-        except OSError:
-            return {}  # not listening yet
-
-    def metric(self, key: str) -> float:
-        return self.metrics().get(key, 0.0)
-
-    def summary(self) -> dict[str, Any]:
-        """Batch size, write latency and backpressure figures from ``/metrics``."""
-        m = self.metrics()
-
-        def avg(name: str) -> float | None:
-            count = m.get(f"{name}_count", 0.0)
-            return m.get(f"{name}_sum", 0.0) / count if count else None
-
-        write = avg("ingestd_write_duration_seconds")
-        e2e = avg("ingestd_end_to_end_latency_seconds")
-        return {
-            "batches": m.get("ingestd_batch_size_readings_count"),
-            "batch_size_avg": _round(avg("ingestd_batch_size_readings"), 1),
-            "write_ms_avg": _round(write * 1000 if write is not None else None, 2),
-            "end_to_end_ms_avg": _round(e2e * 1000 if e2e is not None else None, 1),
-            "received": m.get("ingestd_messages_received_total"),
-            "duplicates": m.get("ingestd_readings_duplicate_total"),
-            "rejected": sum(v for k, v in m.items() if k.startswith("ingestd_messages_rejected")),
-            "intake_pauses": m.get("ingestd_intake_pauses_total"),
-            "queue_full_waits": {
-                k: v for k, v in m.items() if k.startswith("ingestd_queue_full_waits_total")
-            },
-        }
-
-    def diagnostics(self) -> str:
-        """The metrics that explain a stalled drain."""
-        keys = (
-            "ingestd_mqtt_connected", "ingestd_inflight_messages", "ingestd_inflight_window",
-            "ingestd_intake_paused", "ingestd_queue_depth", "ingestd_messages_received_total",
-            "ingestd_readings_stored_total", "ingestd_acks_sent_total", "ingestd_database_up",
-            "ingestd_database_errors_total", "ingestd_messages_rejected_total",
-        )  # fmt: skip
-        m = self.metrics()
-        lines = [f"  {k} {v:g}" for k, v in sorted(m.items()) if k.startswith(keys)]
-        return "metrics:\n" + "\n".join(lines)
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; returns the exit code (None if it never started)."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+    @contextlib.contextmanager
+    def _link(self, env: BenchEnv, dsn: str, row: Row) -> Iterator[str]:
+        """The database URL ingestd uses: direct, or through a delay proxy."""
+        delay_ms = self.delay_ms()
+        if delay_ms is None:
+            yield dsn
+            return
+        with DelayProxy(env.postgres.port, delay_ms / 1000) as proxy:
             try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-                return -9
-        return self.process.returncode
-
-    def log_tail(self, chars: int = 3000) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"--- ingestd log tail ---\n{text[-chars:]}"
-
-
-def _timeline_point(t: float, sample: dict[str, float]) -> dict[str, float]:
-    """One point of the drain timeline: counters, in-flight, pause flag, inbox depths."""
-    point = {"t": round(t, 2)}
-    point.update({short: sample[key] for key, short in TIMELINE_KEYS.items() if key in sample})
-    for key, value in sample.items():
-        if key.startswith("ingestd_queue_depth{"):
-            point[key.removeprefix("ingestd_queue_depth")] = value
-    return point
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
+                yield proxy.url_for(dsn)
+            finally:
+                row.details["proxy"] = proxy.stats()
 
 
 class IngestdNoEvents(Ingestd):
@@ -366,7 +184,106 @@ class IngestdNoEvents(Ingestd):
     settings: ClassVar[dict[str, str]] = {"INGESTD_PUBLISH__PROCESSED": "false"}
 
 
+class IngestdWan(Ingestd):
+    """The drain with PostgreSQL 50 ms away (25 ms each way); defaults, as deployed."""
+
+    name = "ingestd-wan"
+    describe = "ingestd run, default settings, PostgreSQL behind a 25 ms each way delay proxy"
+
+    def delay_ms(self) -> float | None:
+        return self.options.wan_delay_ms
+
+
+class IngestdProxy(Ingestd):
+    """Diagnostic: the WAN path with no delay, i.e. what the proxy itself costs."""
+
+    name = "ingestd-proxy"
+    describe = "ingestd run, default settings, PostgreSQL behind the delay proxy at 0 ms"
+
+    def delay_ms(self) -> float | None:
+        return 0.0
+
+
+class ScaleOut(Scenario):
+    """Two ingestd instances sharing one subscription, one broker, one database."""
+
+    name = "scale-out"
+    describe = (
+        f"two `ingestd run` with INGESTD_MQTT__SHARED_GROUP={SHARED_GROUP} (own client ids,"
+        " metrics ports, state dirs), one broker, one database: drain of a backlog the broker"
+        f" queued in turns for their two offline sessions on $share/{SHARED_GROUP}/sensors/+/+"
+    )
+    instances = 2
+
+    def run(self, env: BenchEnv, readings: int, run: int) -> Row:
+        row = Row(self.name, run, readings)
+        workdir = env.workdir(self.name)
+        dsn = env.database(self.name)
+        ids = [f"bench-scale-{chr(ord('a') + i)}-{run}" for i in range(self.instances)]
+        with env.broker(workdir) as broker:
+            shared = f"$share/{SHARED_GROUP}/{load.TOPIC_FILTER}"
+            backlog = load.queue_backlog(broker.port, broker.log_text, ids, readings, shared)
+            row.details["publish_seconds"] = round(backlog.publish_seconds, 3)
+            settings = {"INGESTD_MQTT__SHARED_GROUP": SHARED_GROUP}
+            daemons = [
+                DaemonProcess(workdir, broker.url, cid, dsn, settings, name=f"ingestd-{i + 1}")
+                for i, cid in enumerate(ids)
+            ]
+            meter = CpuMeter(env, broker)
+            meter.start()
+            try:
+                started = time.time()
+                for daemon in daemons:
+                    daemon.start()
+                timeline: list[dict[str, float]] = []
+                row.details["timeline"] = timeline
+                drained = wait_stored(daemons, readings, started, timeline=timeline)
+                row.finish(drained.done - started)
+                first = drained.first_stored or drained.done
+                row.details.update(
+                    startup_seconds=round(first - started, 3),
+                    drain_seconds=round(drained.done - first, 3),
+                    cpu_seconds=meter.stop(),
+                )
+                instances = [self._instance(d, readings) for d in daemons]
+            finally:
+                codes = [d.stop() for d in daemons]
+        row.details["instances"] = instances
+        row.details["exit_codes"] = codes
+        row.peak_rss_mb = max(i["peak_rss_mb"] for i in instances)
+        row.figures["share_min"] = min(i["share"] for i in instances)
+        row.figures["duplicates"] = sum(i["duplicates"] or 0 for i in instances)
+        check_readings(env, dsn, readings, row)
+        if any(code != 0 for code in codes):
+            tails = "\n".join(d.log_tail() for d in daemons)
+            raise ScenarioError(f"exit codes on SIGTERM: {codes}\n{tails}", row.details)
+        return row
+
+    @staticmethod
+    def _instance(daemon: DaemonProcess, readings: int) -> dict[str, Any]:
+        summary = daemon.summary()
+        stored = summary.get("stored") or 0.0
+        return {
+            "name": daemon.name,
+            "client_id": daemon.client_id,
+            "share": round(stored / readings, 4),
+            "peak_rss_mb": round(peak_rss_mb(daemon.pid), 1),
+            "cpu_seconds": round(cpu_seconds(daemon.pid), 2),
+            **summary,
+        }
+
+    def note(self, summary: dict[str, Any]) -> str:
+        share = summary.get("share_min")
+        return "" if share is None else f"smaller share {share:.0%}"
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
-    s.name: s for s in (Ceiling, Naive, Ingestd, IngestdNoEvents)
-}
-DEFAULT_SCENARIOS = ("ceiling", "naive", "ingestd")
+    s.name: s
+    for s in (
+        Ceiling, Naive, Ingestd, IngestdNoEvents, IngestdWan, IngestdProxy, ScaleOut,
+        Latency, LatencyFloor, Soak, CatchUp,
+    )
+}  # fmt: skip
+DEFAULT_SCENARIOS = (
+    "ceiling", "naive", "ingestd", "ingestd-wan", "scale-out", "latency", "soak", "catch-up",
+)  # fmt: skip
