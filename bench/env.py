@@ -35,7 +35,7 @@ from harness.servers import (  # noqa: E402 - needs the path above
 BIN = Path(sys.executable).parent
 INGESTD = BIN / "ingestd"
 
-# The harness config already sets max_inflight_messages 1000, max_queued_messages 1000000 and
+# The harness config already sets max_inflight_messages 4000, max_queued_messages 1000000 and
 # max_queued_bytes 0 (unlimited). The backlog lives in memory either way; persistence off
 # spares the broker its autosaves, and $SYS every second lets load.py verify the backlog.
 BROKER_CONF = "persistence false\nsys_interval 1\n"

@@ -85,7 +85,7 @@ class MqttConfig(Section):
     # The unacknowledged in-flight window the daemon enforces itself (and advertises as
     # Receive Maximum on v5). Size mosquitto's max_inflight_messages to match. Throughput
     # is at most window / (receipt-to-commit time), so a WAN database needs a large one.
-    max_inflight: int = Field(default=2000, ge=1, le=65535)
+    max_inflight: int = Field(default=4000, ge=1, le=65535)
     session_expiry_seconds: int = Field(default=7 * 24 * 3600, ge=0)
     subscribe_qos: Literal[0, 1] = 1
     # SUBACK queues behind a persistent session's backlog, so this must be generous.

@@ -110,7 +110,7 @@ def _broker(binary: str, workdir: Path) -> Iterator[int]:
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         # ack-after-commit needs more than mosquitto's default of 20 unacknowledged messages
-        "max_inflight_messages 2000\nmax_queued_messages 100000\nlog_dest none\n"
+        "max_inflight_messages 4000\nmax_queued_messages 100000\nlog_dest none\n"
     )
     process = subprocess.Popen(
         [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

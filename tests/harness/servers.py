@@ -331,7 +331,7 @@ persistence true
 persistence_location {self.state_dir}/
 persistence_file mosquitto.db
 autosave_interval 1
-max_inflight_messages 2000
+max_inflight_messages 4000
 max_queued_messages 1000000
 max_queued_bytes 0
 set_tcp_nodelay true
