@@ -193,6 +193,9 @@ class MqttSource:
                 await self._serve()
             except (aiomqtt.MqttError, OSError) as exc:
                 self._lost(exc)
+            else:  # a clean disconnect: ours, to reconnect with a reloaded config
+                self.connected.clear()
+                self._metrics.mqtt_connected.set(0)
             if not self._stopping:
                 # Releases aiomqtt's connection lock so the client can connect again.
                 with contextlib.suppress(aiomqtt.MqttError):
