@@ -29,6 +29,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from harness.mosquitto_conf import duration_seconds
+from harness.mosquitto_conf import settings as mosquitto_settings
 from harness.servers import find_mosquitto, free_port, unique_name, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -57,24 +59,6 @@ MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 is fully locked down, 10 is wi
 
 
 # ======================================================================= mosquitto.conf
-
-
-def _mosquitto_settings(text: str) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            settings.setdefault(key, []).append(value.strip())
-    return settings
-
-
-def _duration_seconds(value: str) -> int:
-    """mosquitto's persistent_client_expiration syntax: an integer and one of h d w m y."""
-    units = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
-    match = re.fullmatch(r"(\d+)([hdwmy])", value)
-    assert match, f"not a mosquitto duration: {value!r}"
-    return int(match.group(1)) * units[match.group(2)]
 
 
 def _accepts(port: int) -> bool:
@@ -251,7 +235,7 @@ def test_mosquitto_starts_cleanly_on_the_shipped_config(shipped_broker: ShippedB
 
 
 def test_mosquitto_config_is_sized_for_ack_after_commit() -> None:
-    s = _mosquitto_settings(MOSQUITTO_CONF.read_text())
+    s = mosquitto_settings(MOSQUITTO_CONF.read_text())
     window = MqttConfig().max_inflight
     assert s["listener"] == ["1883"]
     assert s["persistence"] == ["true"]
@@ -261,7 +245,7 @@ def test_mosquitto_config_is_sized_for_ack_after_commit() -> None:
     assert int(s["max_inflight_messages"][0]) == window  # stock 20 caps the pipeline
     assert int(s["max_queued_messages"][0]) >= 100 * window
     assert int(s["max_queued_bytes"][0]) > 0  # 0 would mean unbounded broker memory
-    expiry = _duration_seconds(s["persistent_client_expiration"][0])
+    expiry = duration_seconds(s["persistent_client_expiration"][0])
     assert expiry >= MqttConfig().session_expiry_seconds
     # Oversized readings must reach ingestd to become payload_too_large dead letters.
     assert int(s["max_packet_size"][0]) > IngestConfig().max_payload_bytes
@@ -712,7 +696,7 @@ def test_compose_mosquitto_persists_where_the_shipped_config_says(
     assert broker["image"] == "eclipse-mosquitto:2"
     conf_in_image = "/mosquitto/config/mosquitto.conf"
     assert f"./mosquitto/mosquitto.conf:{conf_in_image}:ro" in broker["volumes"]
-    location = _mosquitto_settings(MOSQUITTO_CONF.read_text())["persistence_location"][0]
+    location = mosquitto_settings(MOSQUITTO_CONF.read_text())["persistence_location"][0]
     location = location.rstrip("/")
     mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
     assert mounts.get(location) in compose["volumes"], "no named volume at the snapshot dir"

@@ -25,6 +25,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from harness.daemon import Daemon
+from harness.mosquitto_conf import duration_seconds
+from harness.mosquitto_conf import settings as mosquitto_settings
 from harness.servers import Mosquitto, free_port, unique_name, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
@@ -58,23 +60,6 @@ FLOW_CONTROL = (
     "max_packet_size",
     "max_keepalive",
 )
-
-
-def _settings(text: str) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            settings.setdefault(key, []).append(value.strip())
-    return settings
-
-
-def _duration_seconds(value: str) -> int:
-    units = {"h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
-    match = re.fullmatch(r"(\d+)([hdwmy])", value)
-    assert match, f"not a mosquitto duration: {value!r}"
-    return int(match.group(1)) * units[match.group(2)]
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -265,7 +250,7 @@ def _reading(value: float, second: int = 0) -> bytes:
 
 @pytest.mark.timeout(10)
 def test_prod_config_keeps_the_ack_after_commit_sizing() -> None:
-    prod, dev = _settings(PROD_CONF.read_text()), _settings(DEV_CONF.read_text())
+    prod, dev = mosquitto_settings(PROD_CONF.read_text()), mosquitto_settings(DEV_CONF.read_text())
     window = MqttConfig().max_inflight
     assert {k: prod.get(k) for k in FLOW_CONTROL} == {k: dev.get(k) for k in FLOW_CONTROL}
     assert prod["max_inflight_messages"] == [str(window)]  # ingestd's window, not the stock 20
@@ -273,7 +258,7 @@ def test_prod_config_keeps_the_ack_after_commit_sizing() -> None:
     assert int(prod["max_queued_bytes"][0]) > 0  # bounded broker memory
     assert prod["persistence"] == ["true"]
     assert 0 < int(prod["autosave_interval"][0]) <= 30
-    expiry = _duration_seconds(prod["persistent_client_expiration"][0])
+    expiry = duration_seconds(prod["persistent_client_expiration"][0])
     assert expiry >= MqttConfig().session_expiry_seconds
     assert prod["persistence_location"] == ["/var/lib/mosquitto/"]
     assert "message_size_limit" not in prod  # acks, then drops: no dead letter
@@ -281,7 +266,7 @@ def test_prod_config_keeps_the_ack_after_commit_sizing() -> None:
 
 @pytest.mark.timeout(10)
 def test_prod_config_requires_tls_passwords_and_the_acl() -> None:
-    s = _settings(PROD_CONF.read_text())
+    s = mosquitto_settings(PROD_CONF.read_text())
     assert s["allow_anonymous"] == ["false"]
     assert s["password_file"] == ["/etc/mosquitto/passwd"]
     assert s["acl_file"] == ["/etc/mosquitto/acl"]
