@@ -208,9 +208,6 @@ class Supervisor:
             log.error("reload refused, running config kept", extra={"error": str(exc)})  # noqa: TRY400
             return
         changed = reload.changes(self.config, new)
-        if not changed and registry is None:
-            log.info("reload: nothing changed")
-            return
         old, self.config = self.config, new
         setup_logging(new.log.level, new.log.format)
         limit = new.ingest.max_payload_bytes
@@ -221,10 +218,11 @@ class Supervisor:
             processed_qos=new.publish.processed_qos, failed_qos=new.publish.failed_qos,
             max_payload_bytes=limit,
         )  # fmt: skip
-        if registry is not None:
-            registry.merge(self._device_table)
-            self.registry = self.enrichment.registry = registry
-            self.metrics.registry_devices.set(len(registry))
+        # The registry file is read again even when its path did not change (its content
+        # may have), and the devices table is merged over it as at start-up.
+        registry.merge(self._device_table)
+        self.registry = self.enrichment.registry = registry
+        self.metrics.registry_devices.set(len(registry))
         pending = {s: keys for s, keys in changed.items() if s in reload.RESTART}
         log.info(
             "config reloaded",
@@ -239,10 +237,10 @@ class Supervisor:
         if reload.needs_reconnect(changed):
             await self.source.reconfigure(self.config)
 
-    def _file_registry(self, config: Config) -> DeviceRegistry | None:
-        """The registry file, read again (None when no file is configured)."""
+    def _file_registry(self, config: Config) -> DeviceRegistry:
+        """The registry file, read again (empty when no file is configured)."""
         path = config.ingest.registry_file
-        return None if path is None else DeviceRegistry(load_registry_file(path))
+        return DeviceRegistry() if path is None else DeviceRegistry(load_registry_file(path))
 
     def request_stop(self) -> None:
         if self.stop_requested.is_set():
