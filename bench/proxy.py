@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
-import threading
 from collections import deque
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
+
+import env  # noqa: F401 - puts the test harness on sys.path
+from harness.loop_thread import LoopThread, reset
 
 T = TypeVar("T")
 
@@ -58,17 +59,6 @@ class _Connection:
         self.closed = False
 
 
-def _reset(writer: asyncio.StreamWriter | None) -> None:
-    """Close with RST (linger 0, abort without flushing): the peer sees a reset connection."""
-    if writer is None:
-        return
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 class DelayProxy:
     """``with DelayProxy(pg_port, 0.025) as proxy: connect to proxy.port; proxy.cut()``."""
 
@@ -78,8 +68,7 @@ class DelayProxy:
         self.delay = delay_seconds
         self.port = 0
         self.cut_off = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread("delay-proxy")
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self.accepted = 0
@@ -100,15 +89,12 @@ class DelayProxy:
     # -- lifecycle (any thread) ------------------------------------------------------------
 
     def start(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="delay-proxy", daemon=True)
-        self._thread.start()
+        self._loop.start()
         self._server = self._call(asyncio.start_server(self._accept, HOST, 0))
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     def close(self) -> None:
-        if self._loop is None or self._thread is None:
+        if not self._loop.running:
             return
 
         async def shutdown() -> None:
@@ -122,10 +108,7 @@ class DelayProxy:
 
         with contextlib.suppress(Exception):
             self._call(shutdown())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-        self._loop = self._thread = None
+        self._loop.stop()
 
     def __enter__(self) -> Self:
         self.start()
@@ -176,13 +159,12 @@ class DelayProxy:
     # -- the loop thread -------------------------------------------------------------------
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._loop.call(coro, timeout)
 
     def _kill(self, conn: _Connection) -> None:
         conn.closed = True
-        _reset(conn.client)
-        _reset(conn.upstream)
+        reset(conn.client)
+        reset(conn.upstream)
         for task in conn.tasks:
             task.cancel()
 
@@ -190,14 +172,14 @@ class DelayProxy:
         self.accepted += 1
         if self.cut_off:
             self.refused += 1
-            _reset(writer)
+            reset(writer)
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(
                 self.upstream_host, self.upstream_port
             )
         except OSError:
-            _reset(writer)
+            reset(writer)
             return
         conn = _Connection(writer)
         conn.upstream = up_writer

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import struct
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from harness.loop_thread import LoopThread, reset
 from harness.servers import HOST, HarnessError
 
 __all__ = ["TcpProxy"]
@@ -40,21 +39,6 @@ T = TypeVar("T")
 
 PASS, DROP, BLACKHOLE = "pass", "drop", "blackhole"
 _CHUNK = 65536
-
-
-def _linger_zero(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def _reset(writer: asyncio.StreamWriter | None) -> None:
-    """Close with RST: linger 0, then abort the transport without flushing."""
-    if writer is None:
-        return
-    _linger_zero(writer)
-    writer.transport.abort()
 
 
 class _Connection:
@@ -76,8 +60,7 @@ class TcpProxy:
         self.host = HOST
         self.port = 0
         self._mode = PASS
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread(f"tcp-proxy-{id(self):x}")
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
@@ -103,20 +86,9 @@ class TcpProxy:
 
     # -- lifecycle
     def start(self) -> None:
-        if self._thread is not None:
+        if self._loop.running:
             raise HarnessError("proxy already started")
-        ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            self._loop.call_soon(ready.set)
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name=f"tcp-proxy-{id(self):x}", daemon=True)
-        self._thread.start()
-        ready.wait(5)
+        self._loop.start()
         self._server = self._call(
             asyncio.start_server(self._accept, self.host, 0, reuse_address=True)
         )
@@ -124,7 +96,7 @@ class TcpProxy:
 
     def close(self) -> None:
         """Stop listening, reset every connection, stop the loop thread."""
-        if self._loop is None or self._thread is None:
+        if not self._loop.running:
             return
 
         async def shutdown() -> None:
@@ -143,11 +115,7 @@ class TcpProxy:
 
         with contextlib.suppress(Exception):
             self._call(shutdown(), timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-        self._loop = None
-        self._thread = None
+        self._loop.stop()
 
     def __enter__(self) -> Self:
         self.start()
@@ -203,20 +171,19 @@ class TcpProxy:
 
     # -- internals (loop thread)
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._loop.call(coro, timeout)
 
     def _kill(self, conn: _Connection) -> None:
         conn.closed = True
         conn.killed.set()
-        _reset(conn.client)
-        _reset(conn.upstream)
+        reset(conn.client)
+        reset(conn.upstream)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         if self._mode == DROP:
             self.refused += 1
-            _reset(writer)
+            reset(writer)
             return
         conn = _Connection(writer)
         me = asyncio.current_task()
@@ -236,7 +203,7 @@ class TcpProxy:
                 )
             except OSError:
                 conn.closed = True
-                _reset(writer)
+                reset(writer)
                 return
             conn.upstream = up_writer
             self.forwarded += 1
