@@ -194,6 +194,9 @@ class Supervisor:
     # -- reload (SIGHUP) --------------------------------------------------------------------
 
     def request_reload(self) -> None:
+        if self.stop_requested.is_set():
+            log.info("reload ignored: shutting down")
+            return
         task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
@@ -380,6 +383,9 @@ class Supervisor:
         return max(0.1, self._deadline - time.monotonic())
 
     async def _close(self) -> None:
+        for task in self._reloads:  # a reload still reconnecting: the daemon is leaving
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         try:
             await self.writer.close(grace_seconds=min(2.0, self._remaining()))
             if self.spool is not None:
