@@ -1,8 +1,8 @@
-"""Payload codecs shared by the simulator (encode) and the daemon (decode).
+"""The json and value payload codecs, shared by the simulator (encode) and the daemon (decode).
 
-``decode`` turns one MQTT payload into readings or raises ``PayloadError`` with a stable
-machine reason; it never raises anything else, whatever bytes arrive (a property test
-feeds it arbitrary input).
+``decode_json`` and ``decode_value`` turn one MQTT payload into readings or raise
+``PayloadError`` with a stable machine reason; they never raise anything else, whatever
+bytes arrive (a property test feeds them arbitrary input).
 """
 
 from __future__ import annotations
@@ -10,69 +10,37 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 
-# Stable rejection reasons (stored in rejected_messages.reason and the metric label).
-MALFORMED_JSON = "malformed_json"
-NOT_UTF8 = "not_utf8"
-MISSING_VALUE = "missing_value"
-MISSING_FIELD = "missing_field"
-BAD_TYPE = "bad_type"
-BAD_VALUE = "bad_value"
-BAD_TIMESTAMP = "bad_timestamp"
-TOPIC_MISMATCH = "topic_mismatch"
-UNKNOWN_TOPIC = "unknown_topic"
-PAYLOAD_TOO_LARGE = "payload_too_large"
-STORAGE_REJECTED = "storage_rejected"
-STALE_RETAINED = "stale_retained"
-INTERNAL_ERROR = "internal_error"
+from edge.readings import (
+    BAD_TIMESTAMP,
+    BAD_TYPE,
+    BAD_VALUE,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    MISSING_VALUE,
+    NOT_UTF8,
+    TOPIC_MISMATCH,
+    PayloadError,
+    Reading,
+    format_ts,
+    kind_of,
+    parse_ts,
+)
+
+__all__ = ["decode_json", "decode_value", "encode_json", "encode_value", "has_own_ts"]
 
 MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 64
-_MIN_EPOCH = 0.0  # 1970-01-01
-_MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = frozenset({"nan", "inf", "infinity"})
 
 
-class PayloadError(Exception):
-    """A payload that cannot become readings; ``reason`` is a stable machine code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(slots=True)
-class Reading:
-    """One measurement. Owned by one agent at a time as it moves down the bus."""
-
-    device_id: str
-    sensor_id: str
-    ts: datetime
-    value: float
-    unit: str | None = None
-    quality: str | None = None
-    seq: int | None = None
-    site: str | None = None
-    area: str | None = None
-    line: str | None = None
-    asset: str | None = None
-    sensor_type: str | None = None
-
-
-def decode(
-    payload: bytes, fmt: str, fields: dict[str, str], received_at: datetime
-) -> list[Reading]:
-    """Readings of one payload in format ``fmt`` (json or value) with topic ``fields``."""
-    if fmt == "value":
-        return [_reading(fields, _decode_value(payload), received_at)]
+def decode_json(payload: bytes, fields: dict[str, str], received_at: datetime) -> list[Reading]:
+    """Readings of a JSON object or array; ``fields`` are what the topic named."""
     if not payload.strip():
         raise PayloadError(MISSING_VALUE, "empty payload: expected a JSON object or array")
     document = _load_json(payload)
@@ -87,7 +55,12 @@ def decode(
         ]
         _check_distinct(readings)
         return readings
-    raise PayloadError(BAD_TYPE, f"expected a JSON object or array, got {_kind(document)}")
+    raise PayloadError(BAD_TYPE, f"expected a JSON object or array, got {kind_of(document)}")
+
+
+def decode_value(payload: bytes, fields: dict[str, str], received_at: datetime) -> list[Reading]:
+    """The one reading of a bare-number payload, stamped with the receive time."""
+    return [_reading(fields, _decode_value(payload), received_at)]
 
 
 def _check_distinct(readings: list[Reading]) -> None:
@@ -146,12 +119,12 @@ def _decode_value(payload: bytes) -> float:
 
 def _from_object(item: Any, fields: dict[str, str], received_at: datetime, at: str) -> Reading:
     if not isinstance(item, dict):
-        raise PayloadError(BAD_TYPE, f"{at}expected an object, got {_kind(item)}")
+        raise PayloadError(BAD_TYPE, f"{at}expected an object, got {kind_of(item)}")
     if "value" not in item:
         raise PayloadError(MISSING_VALUE, f"{at}'value' is required")
     value = item["value"]
     if type(value) is bool or not isinstance(value, int | float):
-        raise PayloadError(BAD_TYPE, f"{at}value must be a number, got {_kind(value)}")
+        raise PayloadError(BAD_TYPE, f"{at}value must be a number, got {kind_of(value)}")
     try:
         value = float(value)
     except OverflowError:
@@ -180,7 +153,7 @@ def _from_object(item: Any, fields: dict[str, str], received_at: datetime, at: s
     seq = item.get("seq")
     if seq is not None:
         if type(seq) is not int or not -(2**63) <= seq < 2**63:
-            raise PayloadError(BAD_TYPE, f"{at}seq must be a 64-bit integer, got {_kind(seq)}")
+            raise PayloadError(BAD_TYPE, f"{at}seq must be a 64-bit integer, got {kind_of(seq)}")
         reading.seq = seq
     return reading
 
@@ -209,44 +182,9 @@ def _reading(fields: dict[str, str], value: float, received_at: datetime, at: st
     )
 
 
-def parse_ts(raw: Any, at: str = "") -> datetime:
-    """An aware UTC datetime from an ISO-8601 string (naive means UTC) or epoch seconds."""
-    if isinstance(raw, str):
-        try:
-            ts = datetime.fromisoformat(raw)
-        except ValueError:
-            ts = _lenient_iso(raw, at)
-        try:
-            ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-        except OverflowError:
-            raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is out of range") from None
-        if ts < _EPOCH:
-            raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is before 1970")
-        return ts
-    if type(raw) is bool or not isinstance(raw, int | float):
-        raise PayloadError(
-            BAD_TIMESTAMP, f"{at}ts must be ISO-8601 or epoch seconds, got {_kind(raw)}"
-        )
-    try:
-        seconds = float(raw)
-    except OverflowError:
-        raise PayloadError(BAD_TIMESTAMP, f"{at}ts is out of range") from None
-    if not _MIN_EPOCH <= seconds <= _MAX_EPOCH:  # also false for NaN
-        raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw!r} is not epoch seconds in 1970..9999")
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-def _lenient_iso(raw: str, at: str) -> datetime:
-    # RFC 3339 allows a lowercase 't'/'z', and gateways pad with spaces.
-    try:
-        return datetime.fromisoformat(raw.strip().upper())
-    except ValueError:
-        raise PayloadError(BAD_TIMESTAMP, f"{at}ts {raw[:40]!r} is not ISO-8601") from None
-
-
 def _text(raw: Any, key: str, at: str, limit: int) -> str:
     if not isinstance(raw, str):
-        raise PayloadError(BAD_TYPE, f"{at}{key} must be a string, got {_kind(raw)}")
+        raise PayloadError(BAD_TYPE, f"{at}{key} must be a string, got {kind_of(raw)}")
     if not raw or len(raw) > limit or "\x00" in raw:
         raise PayloadError(BAD_VALUE, f"{at}{key} must be 1..{limit} characters without NUL")
     if not raw.isascii():
@@ -257,33 +195,8 @@ def _text(raw: Any, key: str, at: str, limit: int) -> str:
     return raw
 
 
-def _kind(raw: Any) -> str:
-    if raw is None:
-        return "null"
-    if isinstance(raw, bool):
-        return "boolean"
-    if isinstance(raw, int | float):
-        return "number"
-    if isinstance(raw, str):
-        return "string"
-    if isinstance(raw, list):
-        return "array"
-    if isinstance(raw, dict):
-        return "object"
-    return type(raw).__name__
-
-
 def _short(exc: BaseException) -> str:
     return str(exc)[:120] or type(exc).__name__
-
-
-def format_ts(ts: datetime) -> str:
-    """ISO-8601 UTC with microseconds and a Z, as the processed events carry it."""
-    if ts.tzinfo is not UTC:
-        ts = ts.astimezone(UTC)
-    # orjson writes the date and time about 3x faster than isoformat() (two per processed
-    # event), but leaves out a zero fraction: the fraction is added here, always 6 digits.
-    return f"{orjson.dumps(ts)[1:20].decode()}.{ts.microsecond:06d}Z"
 
 
 def encode_json(

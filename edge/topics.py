@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["TEMPLATE_FIELDS", "TopicTemplate", "topic_matches"]
+
 # Fields a topic segment may fill; anything else in braces is a configuration error.
 TEMPLATE_FIELDS = frozenset({"device_id", "sensor_id", "site", "area", "line", "asset", "unit"})
 
@@ -86,3 +88,21 @@ class TopicTemplate:
             elif kind == "lit" and level != text:
                 return None
         return fields
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches the MQTT filter (``+`` one level, ``#`` the rest).
+
+    As MQTT 3.1.1 section 4.7 says, including that wildcards at the first level do not
+    match topics starting with ``$`` (``$SYS``, ``$share``).
+    """
+    if topic.startswith("$") and topic_filter[:1] in {"+", "#"}:
+        return False
+    levels = topic.split("/")
+    parts = topic_filter.split("/")
+    for index, part in enumerate(parts):
+        if part == "#":
+            return True  # also matches the parent level: "a/#" matches "a"
+        if index >= len(levels) or (part != "+" and part != levels[index]):
+            return False
+    return len(parts) == len(levels)
