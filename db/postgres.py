@@ -14,23 +14,16 @@ the pipeline.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import orjson
 
-from agents.events import RawMessage, RejectedMessage
-from db.writer import (
-    READING_COLUMNS,
-    REJECTION_COLUMNS,
-    Row,
-    RowRejected,
-    StorageError,
-    WriteResult,
-    reading_row,
-    rejection_row,
-)
-from edge.codecs import Reading
+from db.rows import READING_COLUMNS, REJECTION_COLUMNS, ReadingRow, RejectionRow
+from db.writer import ErrorKind, RowRejected, StorageError, WriteResult
+
+__all__ = ["PG_ERRORS", "PostgresWriter"]
 
 _COLS = ", ".join(READING_COLUMNS)
 _INSERT_READINGS = (
@@ -60,6 +53,17 @@ _DATA_ERRORS = (
     UnicodeError,
     orjson.JSONEncodeError,
 )
+# The database is away, failing or slow: retry later.
+PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _failure(exc: BaseException, what: str = "") -> StorageError:
+    kind: ErrorKind = "failed"
+    if isinstance(exc, TimeoutError):
+        kind = "timeout"
+    elif isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
+        kind = "unreachable"  # PostgresConnectionError: SQLSTATE class 08, the link is gone
+    return StorageError(f"{what}{type(exc).__name__}: {exc}", kind)
 
 
 class PostgresWriter:
@@ -69,13 +73,11 @@ class PostgresWriter:
         self,
         url: str,
         *,
-        max_payload_bytes: int,
         command_timeout: float = 15.0,
         connect_timeout: float = 10.0,
         pool_size: int = 2,
     ) -> None:
         self._url = url
-        self.max_payload_bytes = max_payload_bytes
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
@@ -98,50 +100,42 @@ class PostgresWriter:
                 await pool
                 async with pool.acquire() as conn:  # proves the database answers
                     await conn.fetchval("SELECT 1")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except PG_ERRORS as exc:
             pool.terminate()
-            raise StorageError(f"cannot connect to PostgreSQL: {exc!r}") from exc
+            raise _failure(exc, "cannot connect to PostgreSQL: ") from exc
         self._pool = pool
 
     async def write(
-        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
-    ) -> WriteResult:
-        return await self.write_rows(
-            [reading_row(reading, message) for reading, message in readings],
-            [(rejection_row(r, self.max_payload_bytes), r.message.dup) for r in rejections],
-        )
-
-    async def write_rows(
         self,
-        reading_rows: list[Row],
-        rejection_rows: list[tuple[Row, bool]],
+        readings: Sequence[ReadingRow],
+        rejections: Sequence[RejectionRow],
         *,
         replay: bool = False,
     ) -> WriteResult:
-        """Store rows in one transaction; ``new`` tells which reading rows were not stored yet.
+        """Store rows in one transaction; ``new`` tells which readings were not stored yet.
 
         ``replay``: the rows come from the spool and may be stored already.
         """
         await self.start()
         try:
             async with asyncio.timeout(self._command_timeout):
-                return await self._write(reading_rows, rejection_rows, replay)
+                return await self._write(readings, rejections, replay)
         except _DATA_ERRORS as exc:
             raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except PG_ERRORS as exc:
             # The connection may be half-open: drop the pool so the next try starts clean.
             await self._reset()
-            raise StorageError(f"{type(exc).__name__}: {exc}") from exc
+            raise _failure(exc) from exc
 
     async def _write(
-        self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]], replay: bool
+        self, readings: Sequence[ReadingRow], rejections: Sequence[RejectionRow], replay: bool
     ) -> WriteResult:
         async with self._pool.acquire() as conn:
-            if not rejection_rows:  # the common case: one statement, one round trip
-                return WriteResult(await _insert_readings(conn, reading_rows), 0)
+            if not rejections:  # the common case: one statement, one round trip
+                return WriteResult(await _insert_readings(conn, readings), 0)
             async with conn.transaction():
-                new = await _insert_readings(conn, reading_rows) if reading_rows else []
-                stored = await _insert_rejections(conn, rejection_rows, replay)
+                new = await _insert_readings(conn, readings) if readings else []
+                stored = await _insert_rejections(conn, rejections, replay)
         return WriteResult(new, stored)
 
     async def ping(self) -> None:
@@ -150,9 +144,9 @@ class PostgresWriter:
         try:
             async with asyncio.timeout(self._command_timeout), self._pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except PG_ERRORS as exc:
             await self._reset()
-            raise StorageError(f"{type(exc).__name__}: {exc}") from exc
+            raise _failure(exc) from exc
 
     async def load_devices(self) -> list[dict[str, Any]]:
         """Registry rows of the ``devices`` table."""
@@ -160,8 +154,8 @@ class PostgresWriter:
         try:
             async with asyncio.timeout(self._command_timeout), self._pool.acquire() as conn:
                 rows = await conn.fetch("SELECT * FROM devices")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageError(f"cannot read devices: {exc!r}") from exc
+        except PG_ERRORS as exc:
+            raise _failure(exc, "cannot read devices: ") from exc
         return [dict(row) for row in rows]
 
     async def _reset(self) -> None:
@@ -176,7 +170,7 @@ class PostgresWriter:
             try:
                 async with asyncio.timeout(grace_seconds):
                     await pool.close()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except PG_ERRORS:
                 pool.terminate()
 
 
@@ -187,16 +181,16 @@ async def _keep_session(_conn: Any) -> None:
     return
 
 
-async def _insert_readings(conn: Any, rows: list[Row]) -> list[bool]:
+async def _insert_readings(conn: Any, rows: Sequence[ReadingRow]) -> list[bool]:
     """Insert what is not stored yet; True for each row that became a new row."""
     document = orjson.dumps(
-        [dict(zip(READING_COLUMNS, row, strict=True)) for row in rows],
+        [row._asdict() for row in rows],
         option=orjson.OPT_NAIVE_UTC,  # as asyncpg treats a naive timestamptz value
     )
     inserted = {tuple(r) for r in await conn.fetch(_INSERT_READINGS, document.decode())}
     new: list[bool] = []
     for row in rows:
-        key = (row[0], row[1], row[2])
+        key = (row.device_id, row.sensor_id, row.ts)
         if key in inserted:
             inserted.discard(key)  # a second copy within the batch is a duplicate
             new.append(True)
@@ -205,17 +199,18 @@ async def _insert_readings(conn: Any, rows: list[Row]) -> list[bool]:
     return new
 
 
-async def _insert_rejections(conn: Any, rows: list[tuple[Row, bool]], replay: bool) -> int:
-    """Store dead letters; redelivered (DUP) and replayed ones only if not stored yet."""
-    fresh = [row for row, dup in rows if not (dup or replay)]
+async def _insert_rejections(conn: Any, rows: Sequence[RejectionRow], replay: bool) -> int:
+    """Store dead letters; redelivered and replayed ones only if not stored yet."""
+    fresh = [row.values() for row in rows if not (row.redelivered or replay)]
     if fresh:
         await conn.copy_records_to_table(
             "rejected_messages", records=fresh, columns=REJECTION_COLUMNS
         )
     stored = len(fresh)
-    for row, dup in rows:
-        if dup or replay:
-            guarded = _INSERT_DUP_REJECTION if dup else _INSERT_REPLAYED_REJECTION
-            status = await conn.execute(guarded, *row)
+    for row in rows:
+        if row.redelivered or replay:
+            # A DUP is recognised by topic and payload; a replayed batch, by correlation id.
+            guarded = _INSERT_DUP_REJECTION if row.redelivered else _INSERT_REPLAYED_REJECTION
+            status = await conn.execute(guarded, *row.values())
             stored += int(status.rsplit(" ", 1)[-1])
     return stored

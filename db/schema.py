@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 import migrations
+from edge.errors import IngestdError
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 
-class SchemaError(Exception):
+class SchemaError(IngestdError):
     """The database schema is missing or older than this version of ingestd."""
 
 

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import orjson
 
+from db.rows import ReadingRow, RejectionRow
 from db.thread import DedicatedThread
-from db.writer import Row
+from edge.errors import IngestdError
+
+__all__ = ["Spool", "SpoolError", "SpoolFull", "SpoolStats", "SpooledBatch", "read_stats"]
 
 log = logging.getLogger("ingestd.spool")
 
@@ -34,10 +37,14 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS quarantine AS SELECT * FROM batches WHERE 0
 """
+_STATS = (
+    "SELECT coalesce(sum(readings), 0), coalesce(sum(rejections), 0),"
+    " coalesce(sum(bytes), 0), count(*), min(created_at) FROM batches"
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class SpoolError(Exception):
+class SpoolError(IngestdError):
     """The spool cannot take a batch right now."""
 
 
@@ -50,8 +57,8 @@ class SpooledBatch:
     """One batch as it was spooled, in the writers' row shapes."""
 
     ids: list[int]
-    reading_rows: list[Row]
-    rejection_rows: list[tuple[Row, bool]]
+    readings: list[ReadingRow]
+    rejections: list[RejectionRow]
 
 
 @dataclass(slots=True)
@@ -109,16 +116,12 @@ class Spool:
 
     def _load_stats(self) -> None:
         assert self._conn is not None
-        row = self._conn.execute(
-            "SELECT coalesce(sum(readings), 0), coalesce(sum(rejections), 0),"
-            " coalesce(sum(bytes), 0), count(*), min(created_at) FROM batches"
-        ).fetchone()
-        self.stats = SpoolStats(*row)
+        self.stats = SpoolStats(*self._conn.execute(_STATS).fetchone())
 
-    async def put(self, reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]) -> None:
+    async def put(self, readings: list[ReadingRow], rejections: list[RejectionRow]) -> None:
         """Store a batch durably; raises ``SpoolFull`` when there is no room for it."""
-        body = _encode(reading_rows, rejection_rows)
-        await self._thread.call(self._put, body, len(reading_rows), len(rejection_rows))
+        body = _encode(readings, rejections)
+        await self._thread.call(self._put, body, len(readings), len(rejections))
 
     def _put(self, body: bytes, readings: int, rejections: int) -> None:
         # Checked here, on the spool's one thread: batches written at once cannot both
@@ -174,7 +177,7 @@ class Spool:
             return None
         merged = SpooledBatch([], [], [])
         for batch_id, readings, body in rows:
-            if merged.ids and len(merged.reading_rows) + readings > max_readings:
+            if merged.ids and len(merged.readings) + readings > max_readings:
                 break
             try:
                 reading_rows, rejection_rows = _decode(body)
@@ -182,8 +185,8 @@ class Spool:
                 self._quarantine(batch_id, exc)
                 continue
             merged.ids.append(batch_id)
-            merged.reading_rows += reading_rows
-            merged.rejection_rows += rejection_rows
+            merged.readings += reading_rows
+            merged.rejections += rejection_rows
         if merged.ids:
             return merged
         return self._oldest(max_readings) if rows else None
@@ -239,10 +242,7 @@ def read_stats(path: Path) -> SpoolStats:
         return SpoolStats()
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        row = conn.execute(
-            "SELECT coalesce(sum(readings), 0), coalesce(sum(rejections), 0),"
-            " coalesce(sum(bytes), 0), count(*), min(created_at) FROM batches"
-        ).fetchone()
+        row = conn.execute(_STATS).fetchone()
     except sqlite3.OperationalError:  # no table yet
         return SpoolStats()
     finally:
@@ -282,19 +282,28 @@ def _ts(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
 
 
-def _encode(reading_rows: list[Row], rejection_rows: list[tuple[Row, bool]]) -> bytes:
-    readings = [[*row[:2], _us(row[2]), *row[3:12], _us(row[12]), row[13]] for row in reading_rows]
-    rejections = [
-        [_us(row[0]), row[1], base64.b64encode(row[2]).decode(), *row[3:], dup]  # type: ignore[arg-type]
-        for row, dup in rejection_rows
-    ]
-    return orjson.dumps({"r": readings, "j": rejections})
+def _encode(readings: list[ReadingRow], rejections: list[RejectionRow]) -> bytes:
+    return orjson.dumps(
+        {
+            "r": [
+                [*row[:2], _us(row.ts), *row[3:12], _us(row.received_at), row.correlation_id]
+                for row in readings
+            ],
+            "j": [
+                [_us(row.received_at), row.topic, base64.b64encode(row.payload).decode(), *row[3:]]
+                for row in rejections
+            ],
+        }
+    )
 
 
-def _decode(body: bytes) -> tuple[list[Row], list[tuple[Row, bool]]]:
+def _decode(body: bytes) -> tuple[list[ReadingRow], list[RejectionRow]]:
     document = orjson.loads(body)
-    readings: list[Row] = [(*r[:2], _ts(r[2]), *r[3:12], _ts(r[12]), r[13]) for r in document["r"]]
-    rejections: list[tuple[Row, bool]] = [
-        ((_ts(j[0]), j[1], base64.b64decode(j[2]), *j[3:9]), bool(j[9])) for j in document["j"]
+    readings = [
+        ReadingRow._make([*r[:2], _ts(r[2]), *r[3:12], _ts(r[12]), r[13]]) for r in document["r"]
+    ]
+    rejections = [
+        RejectionRow._make([_ts(j[0]), j[1], base64.b64decode(j[2]), *j[3:9], bool(j[9])])
+        for j in document["j"]
     ]
     return readings, rejections

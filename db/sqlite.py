@@ -8,32 +8,30 @@ survives a power cut, not only a process kill.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agents.events import RawMessage, RejectedMessage
+from db.rows import READING_COLUMNS, REJECTION_COLUMNS, ReadingRow, RejectionRow
 from db.thread import DedicatedThread
-from db.writer import (
-    READING_COLUMNS,
-    REJECTION_COLUMNS,
-    RowRejected,
-    StorageError,
-    WriteResult,
-    reading_row,
-    rejection_row,
-)
-from edge.codecs import Reading
+from db.writer import RowRejected, StorageError, WriteResult
+
+__all__ = ["SqliteWriter", "sqlite_ts"]
 
 _INSERT_READING = (
     f"INSERT OR IGNORE INTO sensor_readings ({', '.join(READING_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(READING_COLUMNS))})"
+    f"VALUES ({', '.join(':' + name for name in READING_COLUMNS)})"
 )
 _INSERT_REJECTION = (
     f"INSERT INTO rejected_messages ({', '.join(REJECTION_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(REJECTION_COLUMNS))})"
+    f"VALUES ({', '.join(':' + name for name in REJECTION_COLUMNS)})"
 )
-_REJECTION_EXISTS = "SELECT 1 FROM rejected_messages WHERE topic = ? AND payload_sha256 = ? LIMIT 1"
+_REPLAYED_EXISTS = "SELECT 1 FROM rejected_messages WHERE correlation_id = :correlation_id LIMIT 1"
+_REJECTION_EXISTS = (
+    "SELECT 1 FROM rejected_messages WHERE topic = :topic AND payload_sha256 = :payload_sha256"
+    " LIMIT 1"
+)
 
 
 def sqlite_ts(ts: datetime) -> str:
@@ -44,9 +42,8 @@ def sqlite_ts(ts: datetime) -> str:
 class SqliteWriter:
     """Writes batches of readings and rejections to a local SQLite file."""
 
-    def __init__(self, path: Path, *, max_payload_bytes: int, busy_timeout: float = 15.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 15.0) -> None:
         self._path = path
-        self.max_payload_bytes = max_payload_bytes
         self._busy_timeout = busy_timeout
         self._thread = DedicatedThread("ingestd-sqlite")
         self._conn: sqlite3.Connection | None = None
@@ -71,19 +68,38 @@ class SqliteWriter:
         return self._conn
 
     async def write(
-        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
+        self,
+        readings: Sequence[ReadingRow],
+        rejections: Sequence[RejectionRow],
+        *,
+        replay: bool = False,
     ) -> WriteResult:
-        reading_rows = [_sqlite_reading(reading, message) for reading, message in readings]
+        """Store rows in one transaction; a redelivered or replayed dead letter only once."""
+        # Named parameters, with times in the text form SQLAlchemy reads back.
+        reading_rows = [
+            {**row._asdict(), "ts": sqlite_ts(row.ts), "received_at": sqlite_ts(row.received_at)}
+            for row in readings
+        ]
         rejection_rows = [
-            (_sqlite_rejection(r, self.max_payload_bytes), r.message.dup) for r in rejections
+            ({**row._asdict(), "received_at": sqlite_ts(row.received_at)}, row.redelivered, replay)
+            for row in rejections
         ]
         result: WriteResult = await self._thread.call(self._write, reading_rows, rejection_rows)
         return result
 
+    async def ping(self) -> None:
+        await self._thread.call(self._ping)
+
+    def _ping(self) -> None:
+        try:
+            self._open().execute("SELECT 1")
+        except sqlite3.Error as exc:
+            raise StorageError(f"{type(exc).__name__}: {exc}", "unreachable") from exc
+
     def _write(
         self,
-        reading_rows: list[tuple[Any, ...]],
-        rejection_rows: list[tuple[tuple[Any, ...], bool]],
+        reading_rows: list[dict[str, Any]],
+        rejection_rows: list[tuple[dict[str, Any], bool, bool]],
     ) -> WriteResult:
         conn = self._open()
         try:
@@ -91,8 +107,11 @@ class SqliteWriter:
             try:
                 new = [conn.execute(_INSERT_READING, row).rowcount == 1 for row in reading_rows]
                 stored = 0
-                for row, dup in rejection_rows:
-                    if dup and conn.execute(_REJECTION_EXISTS, (row[1], row[3])).fetchone():
+                for row, redelivered, replayed in rejection_rows:
+                    # A DUP is recognised by topic and payload; a replay, by correlation id.
+                    if redelivered and conn.execute(_REJECTION_EXISTS, row).fetchone():
+                        continue
+                    if replayed and conn.execute(_REPLAYED_EXISTS, row).fetchone():
                         continue
                     conn.execute(_INSERT_REJECTION, row)
                     stored += 1
@@ -137,16 +156,3 @@ class SqliteWriter:
 
         await self._thread.call(close)
         self._thread.close()
-
-
-def _sqlite_reading(reading: Reading, message: RawMessage) -> tuple[Any, ...]:
-    row = list(reading_row(reading, message))
-    row[2] = sqlite_ts(reading.ts)
-    row[12] = sqlite_ts(message.received_at)
-    return tuple(row)
-
-
-def _sqlite_rejection(rejection: RejectedMessage, max_payload_bytes: int) -> tuple[Any, ...]:
-    row = list(rejection_row(rejection, max_payload_bytes))
-    row[0] = sqlite_ts(rejection.message.received_at)
-    return tuple(row)

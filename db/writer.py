@@ -1,29 +1,28 @@
-"""What every storage backend offers the PersistenceAgent, and the row shapes they share."""
+"""What every storage backend offers: idempotent batch writes, a ping, the devices table."""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from agents.events import RawMessage, RejectedMessage
-from edge.codecs import Reading
+from db.rows import ReadingRow, RejectionRow
+from edge.errors import IngestdError
 
-READING_COLUMNS = (
-    "device_id", "sensor_id", "ts", "value", "unit", "quality", "seq", "site", "area",
-    "line", "asset", "sensor_type", "received_at", "correlation_id",
-)  # fmt: skip
-REJECTION_COLUMNS = (
-    "received_at", "topic", "payload", "payload_sha256", "payload_size", "reason", "error",
-    "device_id", "correlation_id",
-)  # fmt: skip
+__all__ = ["ErrorKind", "RowRejected", "StorageError", "WriteResult", "Writer"]
+
+# Why a database call failed, as the ingestd_database_errors_total{kind} label says it: a
+# fixed set, so every series exists from the first scrape.
+ErrorKind = Literal["unreachable", "timeout", "failed"]
+ERROR_KINDS: tuple[ErrorKind, ...] = ("unreachable", "timeout", "failed")
 
 
-Row = tuple[object, ...]
-
-
-class StorageError(Exception):
+class StorageError(IngestdError):
     """The database could not take a batch (unreachable, failing, timed out): retry later."""
+
+    def __init__(self, message: str, kind: ErrorKind = "failed") -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
 
 
 class RowRejected(StorageError):
@@ -41,43 +40,23 @@ class WriteResult:
 class Writer(Protocol):
     """A storage backend: one idempotent transaction per batch."""
 
-    max_payload_bytes: int  # how much of a rejected payload is stored
-
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Connect; raises ``StorageError`` while the database is away."""
 
     async def write(
-        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
-    ) -> WriteResult: ...
+        self,
+        readings: Sequence[ReadingRow],
+        rejections: Sequence[RejectionRow],
+        *,
+        replay: bool = False,
+    ) -> WriteResult:
+        """Store rows in one transaction. ``replay``: they may be stored already."""
 
-    async def close(self, grace_seconds: float = 5.0) -> None: ...
+    async def ping(self) -> None:
+        """Raise ``StorageError`` unless the database answers now."""
 
+    async def load_devices(self) -> list[dict[str, Any]]:
+        """Rows of the ``devices`` table (the registry's second source)."""
 
-def reading_row(reading: Reading, message: RawMessage) -> Row:
-    return (
-        reading.device_id, reading.sensor_id, reading.ts, reading.value, reading.unit,
-        reading.quality, reading.seq, reading.site, reading.area, reading.line, reading.asset,
-        reading.sensor_type, message.received_at, message.correlation_id,
-    )  # fmt: skip
-
-
-def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> Row:
-    message = rejection.message
-    return (
-        message.received_at,
-        message.topic,
-        message.payload[:max_payload_bytes],
-        hashlib.sha256(message.payload).hexdigest(),
-        len(message.payload),
-        rejection.reason,
-        rejection.error,
-        rejection.device_id,
-        message.correlation_id,
-    )
-
-
-def reading_from_row(row: Row) -> tuple[Reading, RawMessage]:
-    """A stored row as the reading and message the Publisher's processed events describe."""
-    fields: Any = row  # the column order of READING_COLUMNS
-    reading = Reading(*fields[:12])
-    message = RawMessage(-1, "", b"", 0, fields[12], 0.0, fields[13])
-    return reading, message
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        """Close within ``grace_seconds``, then drop what is left."""
