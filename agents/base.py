@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol
 
 from agents.bus import Bus, Inbox
-from daemon.metrics import Metrics
+from agents.metrics import PipelineMetrics
+
+__all__ = ["Agent", "Service"]
+
+
+class Service(Protocol):
+    """Anything the supervisor runs, restarts and watches."""
+
+    name: str
+
+    async def run(self) -> None:
+        """Work until cancelled; an exception is a crash."""
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """True when there is work and nothing has moved for ``timeout`` seconds."""
 
 
 class Agent(ABC):
@@ -21,7 +35,7 @@ class Agent(ABC):
     name = "agent"
     batch_limit = 512
 
-    def __init__(self, bus: Bus, metrics: Metrics, inbox: Inbox[Any]) -> None:
+    def __init__(self, bus: Bus, metrics: PipelineMetrics, inbox: Inbox[Any]) -> None:
         self.bus = bus
         self.metrics = metrics
         self.inbox = inbox

@@ -1,8 +1,8 @@
 """SpoolDrainer: replays the spool into the database, oldest batch first, alongside live traffic.
 
-It also watches an unreachable database: once it answers again, the PersistenceAgent goes
-back to writing directly. Replays are idempotent through the unique key, so a batch that
-was half-replayed before a crash is simply replayed again.
+It also watches an unreachable database: once it answers again, ``Storage`` goes back to
+writing directly. Replays are idempotent through the unique key, so a batch that was
+half-replayed before a crash is simply replayed again.
 """
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ from functools import partial
 from typing import TypeVar
 
 import orjson
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    retry_if_not_exception_type,
-    wait_random_exponential,
-)
+from tenacity import retry_if_exception_type, retry_if_not_exception_type
 
 from agents.bus import Bus
 from agents.events import ReadingsStored
-from agents.persistence import PersistenceAgent
-from daemon.metrics import Metrics
-from db.postgres import PostgresWriter
+from agents.metrics import PipelineMetrics
+from agents.reasons import STORAGE_REJECTED
+from agents.retry import backoff
+from agents.storage import Storage
+from db.rows import ReadingRow, RejectionRow
 from db.spool import Spool, SpooledBatch, SpoolError
-from db.writer import Row, RowRejected, StorageError, WriteResult, reading_from_row
-from edge.codecs import STORAGE_REJECTED
+from db.writer import RowRejected, StorageError, Writer, WriteResult
+
+__all__ = ["SpoolDrainer"]
 
 log = logging.getLogger("ingestd.drainer")
 T = TypeVar("T")
@@ -43,15 +41,14 @@ class SpoolDrainer:
     def __init__(
         self,
         spool: Spool,
-        writer: PostgresWriter,
-        persistence: PersistenceAgent,
+        storage: Storage,
         bus: Bus,
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         retry_max_seconds: float = 10.0,
     ) -> None:
         self.spool = spool
-        self.writer = writer
-        self.persistence = persistence
+        self.storage = storage
+        self.writer: Writer = storage.writer
         self.bus = bus
         self.metrics = metrics
         self._retry_max_seconds = retry_max_seconds
@@ -61,13 +58,13 @@ class SpoolDrainer:
         while True:
             batch = await self.spool.oldest()
             if batch is None:
-                if self.persistence.database_up:
-                    self.persistence.spooled.clear()
+                if self.storage.database_up:
+                    self.storage.spooled.clear()
                     if self.spool.stats.batches == 0:
-                        await self.persistence.spooled.wait()
+                        await self.storage.spooled.wait()
                     continue
                 await self._retrying(self.writer.ping, max_wait=2.0)
-                self.persistence.mark_up()
+                self.storage.mark_up()
                 continue
             await self._replay(batch)
 
@@ -75,38 +72,32 @@ class SpoolDrainer:
         started = time.monotonic()
         try:
             result = await self._retrying(
-                lambda: self.writer.write_rows(
-                    batch.reading_rows, batch.rejection_rows, replay=True
-                )
+                partial(self.writer.write, batch.readings, batch.rejections, replay=True)
             )
         except RowRejected as exc:
             log.warning(
                 "spooled batch refused by the database, isolating", extra={"error": str(exc)}
             )
             result = await self._replay_row_by_row(batch)
-        self.persistence.mark_up()
+        self.storage.mark_up()
         await self._forget(batch)
-        stored = [row for row, new in zip(batch.reading_rows, result.new, strict=True) if new]
+        stored = [row for row, new in zip(batch.readings, result.new, strict=True) if new]
         self.metrics.stored += len(stored)
         self.metrics.duplicates += len(result.new) - len(stored)
-        self.metrics.spool_replayed.inc(len(batch.reading_rows))
+        self.metrics.spool_replayed.inc(len(batch.readings))
         self.metrics.write_seconds.observe(time.monotonic() - started)
         self.last_progress = time.monotonic()
         if stored:
-            await self.bus.publish(ReadingsStored([reading_from_row(row) for row in stored]))
+            await self.bus.publish(ReadingsStored(stored))
         if not self.spool.stats.batches:
             log.info("spool drained")
 
     async def _forget(self, batch: SpooledBatch) -> None:
         """Delete replayed batches; on a full disk, retry until there is room (never replay
         them again meanwhile: they are committed)."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(SpoolError),
-            wait=wait_random_exponential(multiplier=0.5, max=self._retry_max_seconds),
-            before_sleep=self._waiting,
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in backoff(
+            SpoolError, first=0.5, cap=self._retry_max_seconds, before_sleep=self._waiting
+        ):
             with attempt:
                 await self.spool.delete(batch.ids)
 
@@ -115,37 +106,42 @@ class SpoolDrainer:
 
     async def _replay_row_by_row(self, batch: SpooledBatch) -> WriteResult:
         new: list[bool] = []
-        for row in batch.reading_rows:
+        for row in batch.readings:
             try:
-                result = await self._retrying(partial(self.writer.write_rows, [row], []))
+                result = await self._retrying(partial(self.writer.write, [row], []))
                 new.append(result.new[0])
             except RowRejected as exc:
                 await self._retrying(partial(self._store_refused, row, exc))
                 new.append(False)
-        for rejection in batch.rejection_rows:
-            await self._retrying(partial(self.writer.write_rows, [], [rejection], replay=True))
-        return WriteResult(new, len(batch.rejection_rows))
+        for rejection in batch.rejections:
+            await self._retrying(partial(self.writer.write, [], [rejection], replay=True))
+        return WriteResult(new, len(batch.rejections))
 
-    async def _store_refused(self, row: Row, exc: RowRejected) -> WriteResult:
+    async def _store_refused(self, row: ReadingRow, exc: RowRejected) -> WriteResult:
         """A reading the database refuses becomes a dead letter holding the reading as JSON."""
         payload = orjson.dumps(list(row), default=str)
-        digest = hashlib.sha256(payload).hexdigest()
-        rejection = (
-            row[12], f"spool/{row[0]}/{row[1]}", payload, digest, len(payload),
-            STORAGE_REJECTED, str(exc)[:500], row[0], row[13],
-        )  # fmt: skip
-        self.metrics.rejected.labels(STORAGE_REJECTED).inc()
-        return await self.writer.write_rows([], [(rejection, False)])
+        rejection = RejectionRow(
+            received_at=row.received_at,
+            topic=f"spool/{row.device_id}/{row.sensor_id}",
+            payload=payload,
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            payload_size=len(payload),
+            reason=STORAGE_REJECTED,
+            error=str(exc)[:500],
+            device_id=row.device_id,
+            correlation_id=row.correlation_id,
+        )
+        # As a replay: a crash before the spool forgets this batch must not store it twice.
+        result = await self.writer.write([], [rejection], replay=True)
+        self.metrics.rejected.labels(STORAGE_REJECTED).inc()  # once, not once per attempt
+        return result
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], max_wait: float | None = None) -> T:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(StorageError) & retry_if_not_exception_type(RowRejected),
-            wait=wait_random_exponential(
-                multiplier=0.5,
-                max=min(max_wait or self._retry_max_seconds, self._retry_max_seconds),
-            ),
+        retrying = backoff(
+            retry_if_exception_type(StorageError) & retry_if_not_exception_type(RowRejected),
+            first=0.5,
+            cap=min(max_wait or self._retry_max_seconds, self._retry_max_seconds),
             before_sleep=self._failed,
-            reraise=True,
         )
         async for attempt in retrying:
             with attempt:
@@ -156,11 +152,11 @@ class SpoolDrainer:
         outcome = getattr(state, "outcome", None)
         error = outcome.exception() if outcome is not None else None
         if error is not None:
-            self.persistence.mark_down(error)
+            self.storage.mark_down(error)
         self.last_progress = time.monotonic()
 
     def has_work(self) -> bool:
-        return self.persistence.database_up and self.spool.stats.batches > 0
+        return self.storage.database_up and self.spool.stats.batches > 0
 
     def stalled(self, now: float, timeout: float) -> bool:
         return self.has_work() and now - self.last_progress > timeout

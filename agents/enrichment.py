@@ -6,47 +6,61 @@ from typing import Any
 
 from agents.base import Agent
 from agents.bus import Bus, Inbox
-from agents.events import EnrichedMessage, RejectedMessage, ValidatedMessage
-from agents.registry import DeviceRegistry
-from daemon.metrics import Metrics
-from edge.codecs import INTERNAL_ERROR
+from agents.events import EnrichedMessage, RawMessage, RejectedMessage, ValidatedMessage
+from agents.metrics import PipelineMetrics
+from agents.reasons import INTERNAL_ERROR
+from agents.registry import DeviceInfo, DeviceRegistry
+from db.rows import ReadingRow
+from edge.readings import Reading
+
+__all__ = ["GOOD", "OUT_OF_RANGE", "EnrichmentAgent"]
 
 GOOD = "good"
 OUT_OF_RANGE = "out_of_range"
+_UNKNOWN = DeviceInfo()
 
 
 class EnrichmentAgent(Agent):
-    """Fills what the device did not send from the registry and flags out-of-range values."""
+    """Fills what the device did not send from the registry and flags out-of-range values;
+    the result is the rows to store."""
 
     name = "enrichment"
 
     def __init__(
-        self, bus: Bus, metrics: Metrics, inbox: Inbox[Any], registry: DeviceRegistry
+        self, bus: Bus, metrics: PipelineMetrics, inbox: Inbox[Any], registry: DeviceRegistry
     ) -> None:
         super().__init__(bus, metrics, inbox)
         self.registry = registry
 
     async def handle(self, batch: list[ValidatedMessage]) -> None:
-        lookup = self.registry.lookup
         for validated in batch:
-            for reading in validated.readings:
-                info = lookup(reading.device_id, reading.sensor_id)
-                if info is not None:
-                    reading.site = reading.site or info.site
-                    reading.area = reading.area or info.area
-                    reading.line = reading.line or info.line
-                    reading.asset = reading.asset or info.asset
-                    reading.sensor_type = info.sensor_type
-                    reading.unit = reading.unit or info.unit
-                    low, high = info.min_value, info.max_value
-                    if (low is not None and reading.value < low) or (
-                        high is not None and reading.value > high
-                    ):
-                        # The range check outranks what the device says about itself.
-                        reading.quality = OUT_OF_RANGE
-                if reading.quality is None:
-                    reading.quality = GOOD
-            await self.bus.publish(EnrichedMessage(validated.message, validated.readings))
+            message = validated.message
+            rows = [self.enrich(reading, message) for reading in validated.readings]
+            await self.bus.publish(EnrichedMessage(message, rows))
+
+    def enrich(self, reading: Reading, message: RawMessage) -> ReadingRow:
+        """The row of one reading: what it says, then what the registry knows."""
+        info = self.registry.lookup(reading.device_id, reading.sensor_id) or _UNKNOWN
+        quality = reading.quality
+        low, high = info.min_value, info.max_value
+        if (low is not None and reading.value < low) or (high is not None and reading.value > high):
+            quality = OUT_OF_RANGE  # the range check outranks what the device says about itself
+        return ReadingRow(
+            reading.device_id,
+            reading.sensor_id,
+            reading.ts,
+            reading.value,
+            reading.unit or info.unit,
+            quality or GOOD,
+            reading.seq,
+            reading.site or info.site,
+            reading.area or info.area,
+            reading.line or info.line,
+            reading.asset or info.asset,
+            info.sensor_type,
+            message.received_at,
+            message.correlation_id,
+        )
 
     async def recover(self, held: list[ValidatedMessage]) -> None:
         for validated in held:

@@ -12,44 +12,36 @@ whatever order the batches commit in (AckTracker).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
-
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+from typing import Any, assert_never
 
 from agents.base import Agent
 from agents.bus import Bus, Inbox
-from agents.events import (
-    EnrichedMessage,
-    RawMessage,
-    ReadingsStored,
-    RejectedMessage,
-    RejectionsStored,
-)
-from daemon.metrics import Metrics
-from db.spool import Spool, SpoolError
-from db.writer import RowRejected, StorageError, Writer, WriteResult, reading_row, rejection_row
-from edge.codecs import STORAGE_REJECTED, Reading
+from agents.events import EnrichedMessage, ReadingsStored, RejectedMessage, RejectionsStored
+from agents.metrics import PipelineMetrics
+from agents.reasons import STORAGE_REJECTED
+from agents.retry import backoff
+from agents.storage import NotDurableError, Storage
+from db.rows import ReadingRow, RejectionRow
+from db.writer import RowRejected, WriteResult
+
+__all__ = ["Item", "PersistenceAgent", "rejection_row"]
 
 log = logging.getLogger("ingestd.persistence")
 
 Item = EnrichedMessage | RejectedMessage
 
 
-class NotDurableError(Exception):
-    """Neither the database nor the spool took the batch: wait and try again."""
-
-
 class PersistenceAgent(Agent):
     """Stores each batch in one transaction; a message settles once its outcome is durable.
 
     Durable means committed to the database or, while the database is away, written to the
-    local spool (when there is one: PostgreSQL). While neither takes a batch, it waits with
-    backoff and its messages stay unacknowledged, so intake pauses and the broker keeps the rest.
+    local spool (``Storage``). While neither takes a batch, it waits with backoff and its
+    messages stay unacknowledged, so intake pauses and the broker keeps the rest.
     """
 
     name = "persistence"
@@ -57,20 +49,18 @@ class PersistenceAgent(Agent):
     def __init__(
         self,
         bus: Bus,
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         inbox: Inbox[Any],
-        writer: Writer,
+        storage: Storage,
         settle: Callable[[list[int]], None],
         batch_size: int,
         *,
-        spool: Spool | None = None,
         max_payload_bytes: int = 64 * 1024,
         retry_max_seconds: float = 10.0,
         batches_in_flight: int = 1,
     ) -> None:
         super().__init__(bus, metrics, inbox)
-        self.writer = writer
-        self.spool = spool
+        self.storage = storage
         self._settle_acks = settle
         self.batch_limit = batch_size
         self.batches_in_flight = batches_in_flight
@@ -78,26 +68,6 @@ class PersistenceAgent(Agent):
         self._batch_ids = itertools.count()
         self.max_payload_bytes = max_payload_bytes
         self._retry_max_seconds = retry_max_seconds
-        self.database_up = False
-        self.spool_full = False
-        self.spooled = asyncio.Event()  # wakes the drainer
-
-    # -- database state, shared with the drainer -------------------------------------------
-
-    def mark_up(self) -> None:
-        if not self.database_up:
-            self.database_up = True
-            self.metrics.database_up.set(1)
-            log.info("database writable")
-
-    def mark_down(self, error: BaseException) -> None:
-        self.metrics.database_errors.labels(type(error.__cause__ or error).__name__).inc()
-        if self.database_up:
-            self.metrics.database_outages.inc()
-            where = "spooling" if self.spool is not None else "retrying"
-            log.warning(f"database unavailable, {where}", extra={"error": str(error)})
-        self.database_up = False
-        self.metrics.database_up.set(0)
 
     # -- the write pipeline ----------------------------------------------------------------
 
@@ -148,8 +118,8 @@ class PersistenceAgent(Agent):
         # once by their key, and rejections are marked as redeliveries so that the DUP
         # guard stores them once too.
         for item in held:
-            if type(item) is RejectedMessage:
-                await self._store_alone(replace(item, message=replace(item.message, dup=True)))
+            if isinstance(item, RejectedMessage):
+                await self._store_alone(item._replace(message=item.message._replace(dup=True)))
             else:
                 await self._store_alone(item)
 
@@ -183,106 +153,49 @@ class PersistenceAgent(Agent):
         self._settle_acks([rejected.message.seq])
 
     async def _store(self, batch: list[Item]) -> None:
-        readings: list[tuple[Reading, RawMessage]] = []
-        rejections: list[RejectedMessage] = []
+        readings: list[ReadingRow] = []
+        rejections: list[RejectionRow] = []
         for item in batch:
-            if type(item) is EnrichedMessage:
-                message = item.message
-                readings.extend((reading, message) for reading in item.readings)
-            else:
-                rejections.append(item)  # type: ignore[arg-type]
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(NotDurableError),
-            wait=wait_random_exponential(multiplier=0.2, max=self._retry_max_seconds),
-            before_sleep=self._waiting,
-            reraise=True,
-        )
-        async for attempt in retrying:
+            match item:
+                case EnrichedMessage():
+                    readings += item.rows
+                case RejectedMessage():
+                    rejections.append(rejection_row(item, self.max_payload_bytes))
+                case _:
+                    assert_never(item)
+        async for attempt in backoff(
+            NotDurableError, first=0.2, cap=self._retry_max_seconds, before_sleep=self._waiting
+        ):
             with attempt:
-                result = await self._store_once(readings, rejections)
+                result = await self.storage.store(readings, rejections)
         if readings:
-            self.metrics.seen({reading.device_id for reading, _ in readings}, time.time())
-        if result is None:
-            await self._settle_spooled(batch)
-        else:
-            await self._settle(batch, result)
-
-    async def _store_once(
-        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
-    ) -> WriteResult | None:
-        """Commit to the database (a WriteResult), or spool (None), or raise NotDurableError."""
-        if self.database_up or self.spool is None:
-            started = time.monotonic()
-            try:
-                result = await self.writer.write(readings, rejections)
-            except RowRejected:
-                raise
-            except StorageError as exc:
-                self.mark_down(exc)
-                if self.spool is None:
-                    raise NotDurableError(str(exc)) from exc
-            else:
-                self.mark_up()
-                self._spool_has_room()  # nothing is withheld any more
-                self.metrics.write_seconds.observe(time.monotonic() - started)
-                self.metrics.batch_size.observe(len(readings))
-                return result
-        assert self.spool is not None
-        try:
-            await self.spool.put(
-                [reading_row(reading, message) for reading, message in readings],
-                [(rejection_row(r, self.max_payload_bytes), r.message.dup) for r in rejections],
-            )
-        except SpoolError as exc:
-            if not self.spool_full:
-                self.spool_full = True
-                self.metrics.spool_full.set(1)
-                log.error("spool full: acknowledgements withheld", extra={"error": str(exc)})  # noqa: TRY400
-            raise NotDurableError(str(exc)) from exc
-        self._spool_has_room()
-        self.spooled.set()
-        return None
-
-    def _spool_has_room(self) -> None:
-        if self.spool_full:
-            self.spool_full = False
-            self.metrics.spool_full.set(0)
-            log.info("acknowledging again")
+            self.metrics.seen({row.device_id for row in readings}, time.time())
+        await self._settle(batch, result)
 
     def _waiting(self, _state: Any) -> None:
         self.last_progress = time.monotonic()  # waiting out an outage is not a stall
 
-    async def _settle_spooled(self, batch: list[Item]) -> None:
-        """Spooled is durable: acknowledge; processed events follow when the drainer replays."""
-        now = time.monotonic()
+    async def _settle(self, batch: list[Item], result: WriteResult | None) -> None:
+        """Acknowledge, then announce: new rows now, or (spooled) when the drainer replays."""
+        stored: list[ReadingRow] = []
         rejections: list[RejectedMessage] = []
-        for item in batch:
-            if type(item) is RejectedMessage:
-                rejections.append(item)
-                self.metrics.rejected.labels(item.reason).inc()
-            self.metrics.end_to_end_seconds.observe(now - item.message.received_mono)
-        self._settle_acks([item.message.seq for item in batch])
-        if rejections:
-            await self.bus.publish(RejectionsStored(rejections))
-
-    async def _settle(self, batch: list[Item], result: WriteResult) -> None:
-        stored: list[tuple[Reading, RawMessage]] = []
-        flags = iter(result.new)
-        rejections: list[RejectedMessage] = []
+        flags = iter(result.new) if result is not None else None
         now = time.monotonic()
         observe = self.metrics.end_to_end_seconds.observe
         for item in batch:
-            if type(item) is EnrichedMessage:
-                for reading in item.readings:
-                    if next(flags):
-                        stored.append((reading, item.message))
-            else:
-                rejections.append(item)  # type: ignore[arg-type]
-                self.metrics.rejected.labels(item.reason).inc()  # type: ignore[union-attr]
+            match item:
+                case EnrichedMessage():
+                    if flags is not None:
+                        stored += [row for row in item.rows if next(flags)]
+                case RejectedMessage():
+                    rejections.append(item)
+                    self.metrics.rejected.labels(item.reason).inc()
+                case _:
+                    assert_never(item)
             observe(now - item.message.received_mono)
-        total = len(result.new)
-        self.metrics.stored += len(stored)
-        self.metrics.duplicates += total - len(stored)
+        if result is not None:
+            self.metrics.stored += len(stored)
+            self.metrics.duplicates += len(result.new) - len(stored)
         self._settle_acks([item.message.seq for item in batch])
         if stored:
             await self.bus.publish(ReadingsStored(stored))
@@ -290,17 +203,38 @@ class PersistenceAgent(Agent):
             await self.bus.publish(RejectionsStored(rejections))
 
 
+def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> RejectionRow:
+    """The dead letter of a rejection: the first ``max_payload_bytes`` of the payload."""
+    message = rejection.message
+    return RejectionRow(
+        message.received_at,
+        message.topic,
+        message.payload[:max_payload_bytes],
+        hashlib.sha256(message.payload).hexdigest(),
+        len(message.payload),
+        rejection.reason,
+        rejection.error,
+        rejection.device_id,
+        message.correlation_id,
+        message.dup,
+    )
+
+
 def _ascii_safe(rejection: RejectedMessage) -> RejectedMessage:
     def escape(text: str | None) -> str | None:
         return None if text is None else text.encode("ascii", "backslashreplace").decode()
 
-    message = replace(rejection.message, topic=escape(rejection.message.topic) or "")
+    message = rejection.message._replace(topic=escape(rejection.message.topic) or "")
     return RejectedMessage(
         message, rejection.reason, escape(rejection.error) or "", escape(rejection.device_id)
     )
 
 
 def _device(item: Item) -> str | None:
-    if type(item) is EnrichedMessage and item.readings:
-        return item.readings[0].device_id
-    return getattr(item, "device_id", None)
+    match item:
+        case EnrichedMessage():
+            return item.rows[0].device_id if item.rows else None
+        case RejectedMessage():
+            return item.device_id
+        case _:
+            assert_never(item)

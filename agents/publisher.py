@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, assert_never
 
 import orjson
 
 from agents.base import Agent
 from agents.bus import Bus, Inbox
+from agents.cache import BoundedCache
 from agents.events import ReadingsStored, RejectionsStored
-from daemon.metrics import Metrics
-from edge.codecs import Reading, format_ts
+from agents.metrics import PipelineMetrics
+from agents.outbound import Outbound
+from db.rows import ReadingRow
+from edge.readings import format_ts
 
-Send = Callable[[str, bytes, int], bool]
+__all__ = ["EventSettings", "Publisher", "topic_segment"]
+
 _TOPIC_CACHE_SIZE = 100_000
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
 
@@ -28,6 +32,17 @@ _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
 def topic_segment(text: str | None) -> str:
     """A value safe as one topic level (no separators or wildcards)."""
     return text.translate(_TOPIC_UNSAFE) if text else "_unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """What goes out, where and how (the ``[publish]`` config, and the payload limit)."""
+
+    prefix: str = "ingestd"
+    processed: bool = True
+    processed_qos: int = 0
+    failed_qos: int = 1
+    max_payload_bytes: int = 64 * 1024
 
 
 class Publisher(Agent):
@@ -38,43 +53,27 @@ class Publisher(Agent):
     def __init__(
         self,
         bus: Bus,
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         inbox: Inbox[Any],
-        send: Send,
-        *,
-        prefix: str,
-        processed: bool,
-        processed_qos: int,
-        failed_qos: int,
-        max_payload_bytes: int,
+        outbound: Outbound,
+        settings: EventSettings,
     ) -> None:
         super().__init__(bus, metrics, inbox)
-        self._send = send
+        self._send = outbound.publish
         self._event_prefix = os.urandom(4).hex() + "-e"
         self._event_seq = 0
         self._published = metrics.events_published
         self._dropped = metrics.events_dropped
-        self._processed_topics: dict[tuple[str, str], str] = {}
-        self.reconfigure(
-            prefix=prefix, processed=processed, processed_qos=processed_qos,
-            failed_qos=failed_qos, max_payload_bytes=max_payload_bytes,
-        )  # fmt: skip
+        self._processed_topics: BoundedCache[tuple[str, str], str] = BoundedCache(_TOPIC_CACHE_SIZE)
+        self.reconfigure(settings)
 
-    def reconfigure(
-        self,
-        *,
-        prefix: str,
-        processed: bool,
-        processed_qos: int,
-        failed_qos: int,
-        max_payload_bytes: int,
-    ) -> None:
+    def reconfigure(self, settings: EventSettings) -> None:
         """New outbound settings, applied from the next event on (SIGHUP)."""
-        self._prefix = prefix
-        self._processed = processed
-        self._processed_qos = processed_qos
-        self._failed_qos = failed_qos
-        self._max_payload_bytes = max_payload_bytes
+        self._prefix = settings.prefix
+        self._processed = settings.processed
+        self._processed_qos = settings.processed_qos
+        self._failed_qos = settings.failed_qos
+        self._max_payload_bytes = settings.max_payload_bytes
         self._processed_topics.clear()
 
     def _event_id(self) -> str:
@@ -83,47 +82,48 @@ class Publisher(Agent):
 
     async def handle(self, batch: list[ReadingsStored | RejectionsStored]) -> None:
         for event in batch:
-            if type(event) is ReadingsStored:
-                if self._processed:
-                    self._publish_processed(event)
-            else:
-                self._publish_failed(event)  # type: ignore[arg-type]
+            match event:
+                case ReadingsStored():
+                    if self._processed:
+                        self._publish_processed(event)
+                case RejectionsStored():
+                    self._publish_failed(event)
+                case _:
+                    assert_never(event)
 
     def _publish_processed(self, event: ReadingsStored) -> None:
         sent = 0
         qos, send = self._processed_qos, self._send
-        for reading, message in event.readings:
+        for row in event.rows:
             body = {
                 "event_id": self._event_id(),
-                "correlation_id": message.correlation_id,
-                "device_id": reading.device_id,
-                "sensor_id": reading.sensor_id,
-                "ts": format_ts(reading.ts),
-                "value": reading.value,
-                "unit": reading.unit,
-                "quality": reading.quality,
-                "seq": reading.seq,
-                "site": reading.site,
-                "area": reading.area,
-                "line": reading.line,
-                "asset": reading.asset,
-                "sensor_type": reading.sensor_type,
-                "received_at": format_ts(message.received_at),
+                "correlation_id": row.correlation_id,
+                "device_id": row.device_id,
+                "sensor_id": row.sensor_id,
+                "ts": format_ts(row.ts),
+                "value": row.value,
+                "unit": row.unit,
+                "quality": row.quality,
+                "seq": row.seq,
+                "site": row.site,
+                "area": row.area,
+                "line": row.line,
+                "asset": row.asset,
+                "sensor_type": row.sensor_type,
+                "received_at": format_ts(row.received_at),
             }
-            sent += send(self._processed_topic(reading), orjson.dumps(body), qos)
-        self._count("processed", sent, len(event.readings))
+            sent += send(self._processed_topic(row), orjson.dumps(body), qos)
+        self._count("processed", sent, len(event.rows))
 
-    def _processed_topic(self, reading: Reading) -> str:
-        # Built once per sensor: a plant has a bounded set of them, but a flood of new ids
-        # must not grow this without bound.
-        key = (reading.device_id, reading.sensor_id)
+    def _processed_topic(self, row: ReadingRow) -> str:
+        # Built once per sensor (a bounded cache: a flood of new ids must not grow it).
+        key = (row.device_id, row.sensor_id)
         topic = self._processed_topics.get(key)
         if topic is None:
-            if len(self._processed_topics) >= _TOPIC_CACHE_SIZE:
-                self._processed_topics.clear()
-            topic = self._processed_topics[key] = (
-                f"{self._prefix}/processed/{topic_segment(reading.device_id)}/"
-                f"{topic_segment(reading.sensor_id)}"
+            topic = self._processed_topics.put(
+                key,
+                f"{self._prefix}/processed/{topic_segment(row.device_id)}/"
+                f"{topic_segment(row.sensor_id)}",
             )
         return topic
 

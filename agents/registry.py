@@ -14,10 +14,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from agents.cache import BoundedCache
+from edge.errors import IngestdError
+
 ANY_SENSOR = "*"
 
 
-class RegistryError(Exception):
+class RegistryError(IngestdError):
     """The registry file cannot be read; the message names the file and the problem."""
 
 
@@ -51,7 +54,7 @@ class DeviceRegistry:
 
     def __init__(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
         self._rows: dict[tuple[str, str], DeviceInfo] = {}
-        self._resolved: dict[tuple[str, str], DeviceInfo | None] = {}
+        self._resolved: BoundedCache[tuple[str, str], DeviceInfo | None] = BoundedCache(100_000)
         self.add(rows)
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -81,10 +84,7 @@ class DeviceRegistry:
         device = self._rows.get((device_id, ANY_SENSOR))
         sensor = self._rows.get(key)
         info = sensor.merged_over(device) if sensor and device else sensor or device
-        if len(self._resolved) > 100_000:
-            self._resolved.clear()
-        self._resolved[key] = info
-        return info
+        return self._resolved.put(key, info)
 
 
 def _info(row: Mapping[Any, Any], where: str) -> DeviceInfo:

@@ -1,60 +1,19 @@
-"""ValidationAgent: topic templates and payload codecs turn messages into readings or rejections."""
+"""ValidationAgent: routes and decoders turn messages into readings or rejections."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
-
-from paho.mqtt.client import topic_matches_sub
 
 from agents.base import Agent
 from agents.bus import Bus, Inbox
+from agents.decoding import Router
 from agents.events import RawMessage, RejectedMessage, ValidatedMessage
-from daemon.config import SourceConfig
-from daemon.metrics import Metrics
-from edge.codecs import (
-    INTERNAL_ERROR,
-    PAYLOAD_TOO_LARGE,
-    STALE_RETAINED,
-    UNKNOWN_TOPIC,
-    PayloadError,
-    decode,
-    has_own_ts,
-)
-from edge.topics import TopicTemplate
+from agents.metrics import PipelineMetrics
+from agents.reasons import INTERNAL_ERROR, PAYLOAD_TOO_LARGE, STALE_RETAINED, UNKNOWN_TOPIC
+from edge.codecs import has_own_ts
+from edge.readings import PayloadError
 
-# Topics seen are cached with their source; plants have thousands, not millions, and the
-# cache is simply cleared if a misbehaving publisher floods it with unique topics.
-_TOPIC_CACHE_LIMIT = 100_000
-
-
-class TopicRouter:
-    """Finds the source (format and template) a topic belongs to, first match wins."""
-
-    def __init__(self, sources: Sequence[SourceConfig]) -> None:
-        self._sources = [
-            (source.topic, source.format, TopicTemplate.parse(source.template, source.topic))
-            for source in sources
-        ]
-        self._cache: dict[str, tuple[str, dict[str, str]] | None] = {}
-
-    def route(self, topic: str) -> tuple[str, dict[str, str]] | None:
-        """The payload format and the topic's named fields, or None for an unknown topic."""
-        try:
-            return self._cache[topic]
-        except KeyError:
-            pass
-        found = None
-        for topic_filter, fmt, template in self._sources:
-            if topic_matches_sub(topic_filter, topic):
-                fields = template.match(topic)
-                if fields is not None:
-                    found = (fmt, fields)
-                    break
-        if len(self._cache) >= _TOPIC_CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[topic] = found
-        return found
+__all__ = ["ValidationAgent"]
 
 
 class ValidationAgent(Agent):
@@ -65,17 +24,17 @@ class ValidationAgent(Agent):
     def __init__(
         self,
         bus: Bus,
-        metrics: Metrics,
+        metrics: PipelineMetrics,
         inbox: Inbox[Any],
-        sources: Sequence[SourceConfig],
+        router: Router,
         max_payload_bytes: int,
     ) -> None:
         super().__init__(bus, metrics, inbox)
-        self.reconfigure(sources, max_payload_bytes)
+        self.reconfigure(router, max_payload_bytes)
 
-    def reconfigure(self, sources: Sequence[SourceConfig], max_payload_bytes: int) -> None:
-        """New sources and size limit, applied from the next message on (SIGHUP)."""
-        self._router = TopicRouter(sources)
+    def reconfigure(self, router: Router, max_payload_bytes: int) -> None:
+        """New routes and size limit, applied from the next message on (SIGHUP)."""
+        self._router = router
         self._max_payload_bytes = max_payload_bytes
 
     async def handle(self, batch: list[RawMessage]) -> None:
@@ -84,12 +43,12 @@ class ValidationAgent(Agent):
             await publish(self.validate(message))
 
     def validate(self, message: RawMessage) -> ValidatedMessage | RejectedMessage:
-        route = self._router.route(message.topic)
-        if route is None:
+        found = self._router.route(message.topic)
+        if found is None:
             return RejectedMessage(
                 message, UNKNOWN_TOPIC, f"topic {message.topic!r} matches no configured source"
             )
-        fmt, fields = route
+        route, fields = found
         device_id = fields.get("device_id")
         size = len(message.payload)
         if size > self._max_payload_bytes:
@@ -100,7 +59,7 @@ class ValidationAgent(Agent):
                 device_id,
             )
         try:
-            readings = decode(message.payload, fmt, fields, message.received_at)
+            readings = route.decoder.decode(message, fields)
         except PayloadError as exc:
             return RejectedMessage(message, exc.reason, exc.message, device_id)
         if message.retain and not all(has_own_ts(r, message.received_at) for r in readings):

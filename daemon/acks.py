@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from daemon.metrics import Metrics
+from daemon.metrics import IntakeMetrics
 
 # Entry layout (a list, mutated in place: cheaper than an object per message).
 _MID, _QOS, _EPOCH, _SETTLED = 0, 1, 2, 3
@@ -26,7 +26,7 @@ class AckTracker:
         self,
         window: int,
         send_ack: Callable[[int, int], bool],
-        metrics: Metrics,
+        metrics: IntakeMetrics,
         on_room: Callable[[], None] = lambda: None,
     ) -> None:
         self.epoch = 0
@@ -39,8 +39,6 @@ class AckTracker:
         self.resize(window)
         self._drained = asyncio.Event()
         self._drained.set()
-        metrics.inflight = lambda: len(self._entries)
-        metrics.window = lambda: self.window
 
     def resize(self, window: int) -> None:
         """Set the window; reads pause and resume against it from the next message on."""

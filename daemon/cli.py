@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from daemon import __version__
 from daemon.config import Config, ConfigError, load_config, mask_url, masked
 from daemon.logs import setup_logging
+from daemon.loop import run_async
 
 log = logging.getLogger("ingestd")
 
@@ -145,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     setup_logging(config.log.level, config.log.format)
-    from daemon.supervisor import prepare_schema  # noqa: PLC0415
+    from daemon.wiring import prepare_schema  # noqa: PLC0415
 
     # Nothing is received yet while the schema is checked: a stop request simply exits.
     signal.signal(signal.SIGTERM, _exit_now)
@@ -176,16 +175,6 @@ def run_daemon(config: Config, config_file: Path | None = None) -> int:
         log.critical("fatal: %s", fatal)
         return 1
     return 0
-
-
-def run_async(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run on uvloop when it is installed (measured faster for the MQTT hot path)."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        asyncio.run(factory())
-    else:
-        uvloop.run(factory())
 
 
 if __name__ == "__main__":

@@ -30,13 +30,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from edge.errors import IngestdError
 from edge.topics import TopicTemplate
 
 DEFAULT_CONFIG_FILE = Path("/etc/ingestd/ingestd.toml")
 MASK = "**********"
 
 
-class ConfigError(Exception):
+class ConfigError(IngestdError):
     """The configuration cannot be used; the message says why, for the operator."""
 
 
@@ -154,6 +155,10 @@ class SourceConfig(Section):
     def _check_template(self) -> SourceConfig:
         TopicTemplate.parse(self.template, self.topic)  # raises ValueError with the reason
         return self
+
+    @property
+    def parsed_template(self) -> TopicTemplate:
+        return TopicTemplate.parse(self.template, self.topic)
 
 
 class IngestConfig(Section):

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.config import load_config
+from daemon.config import Config, load_config
 
 if TYPE_CHECKING:
     from daemon.supervisor import Supervisor
@@ -138,10 +138,9 @@ def _broker(binary: str, workdir: Path) -> Iterator[int]:
 
 
 def _demo(args: argparse.Namespace, port: int, *, in_process_broker: bool = False) -> int:
-    from daemon.cli import run_async  # noqa: PLC0415
     from daemon.logs import setup_logging  # noqa: PLC0415
-    from daemon.supervisor import Supervisor, prepare_schema  # noqa: PLC0415
-    from edge.simulator import SimulatorOptions, simulate  # noqa: PLC0415
+    from daemon.loop import run_async  # noqa: PLC0415
+    from daemon.wiring import prepare_schema  # noqa: PLC0415
 
     os.environ.setdefault("INGESTD_LOG__LEVEL", "WARNING")
     config = load_config(
@@ -163,59 +162,63 @@ def _demo(args: argparse.Namespace, port: int, *, in_process_broker: bool = Fals
         async with contextlib.AsyncExitStack() as stack:
             if in_process_broker:
                 await stack.enter_async_context(_amqtt_broker(port))
-            await traffic()
-
-    async def traffic() -> None:
-        supervisor = Supervisor(config)
-        daemon = asyncio.create_task(supervisor.run(install_signal_handlers=False), name="daemon")
-        await supervisor.source.connected.wait()
-        options = SimulatorOptions(
-            url=f"mqtt://127.0.0.1:{port}", devices=args.devices, rate=args.rate,
-            duration=args.duration, bad_ratio=args.bad_ratio, seed=42,
-        )  # fmt: skip
-        simulator = asyncio.create_task(simulate(options), name="simulator")
-        started = time.monotonic()
-        while not simulator.done():
-            await asyncio.wait({simulator}, timeout=1.0)
-            _summary(
-                supervisor, time.monotonic() - started, end="\r" if sys.stdout.isatty() else "\n"
-            )
-        report = simulator.result()
-        metrics = supervisor.metrics
-        deadline = time.monotonic() + 15
-        # Counters have no event to wait on: poll them with a deadline.
-        while metrics.received < report.published and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        await asyncio.wait_for(
-            supervisor.source.tracker.wait_drained(), max(0.1, deadline - time.monotonic())
-        )
-        supervisor.request_stop()
-        await daemon
-        print()
-        _summary(supervisor, time.monotonic() - started, end="\n")
-        outcome.update(published=report.published, received=metrics.received)
-        rejected = _rejected(supervisor)
-        print(
-            f"demo: simulator published {report.published} ({report.bad} malformed on purpose);"
-            f" ingestd stored {metrics.stored} readings and {rejected} rejections with reasons"
-        )
+            outcome.update(await _traffic(config, args, port))
 
     run_async(main)
     return 0 if outcome.get("received") == outcome.get("published") else 1
 
 
+async def _traffic(config: Config, args: argparse.Namespace, port: int) -> dict[str, int]:
+    """Run the daemon and the simulator side by side; what was published and received."""
+    from daemon.supervisor import Supervisor  # noqa: PLC0415
+    from edge.simulator import SimulatorOptions, simulate  # noqa: PLC0415
+
+    supervisor = Supervisor(config)
+    daemon = asyncio.create_task(supervisor.run(install_signal_handlers=False), name="daemon")
+    await supervisor.daemon.source.connected.wait()
+    options = SimulatorOptions(
+        url=f"mqtt://127.0.0.1:{port}", devices=args.devices, rate=args.rate,
+        duration=args.duration, bad_ratio=args.bad_ratio, seed=42,
+    )  # fmt: skip
+    simulator = asyncio.create_task(simulate(options), name="simulator")
+    started = time.monotonic()
+    while not simulator.done():
+        await asyncio.wait({simulator}, timeout=1.0)
+        _summary(supervisor, time.monotonic() - started, end="\r" if sys.stdout.isatty() else "\n")
+    report = simulator.result()
+    intake = supervisor.metrics.intake
+    deadline = time.monotonic() + 15
+    # Counters have no event to wait on: poll them with a deadline.
+    while intake.received < report.published and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(
+        supervisor.daemon.source.tracker.wait_drained(), max(0.1, deadline - time.monotonic())
+    )
+    supervisor.request_stop()
+    await daemon
+    print()
+    _summary(supervisor, time.monotonic() - started, end="\n")
+    print(
+        f"demo: simulator published {report.published} ({report.bad} malformed on purpose);"
+        f" ingestd stored {supervisor.metrics.pipeline.stored} readings and"
+        f" {_rejected(supervisor)} rejections with reasons"
+    )
+    return {"published": report.published, "received": intake.received}
+
+
 def _rejected(supervisor: Supervisor) -> int:
-    counter = supervisor.metrics.rejected
+    counter = supervisor.metrics.pipeline.rejected
     return int(sum(sample.value for metric in counter.collect() for sample in metric.samples
                    if sample.name.endswith("_total")))  # fmt: skip
 
 
 def _summary(supervisor: Supervisor, elapsed: float, end: str) -> None:
-    metrics = supervisor.metrics
-    rate = metrics.received / elapsed if elapsed > 0 else 0.0
+    intake, pipeline = supervisor.metrics.intake, supervisor.metrics.pipeline
+    rate = intake.received / elapsed if elapsed > 0 else 0.0
     print(
-        f"received {metrics.received:>7}  stored {metrics.stored:>7}  "
-        f"rejected {_rejected(supervisor):>5}  in flight {metrics.inflight():>4.0f}  "
+        f"received {intake.received:>7}  stored {pipeline.stored:>7}  "
+        f"rejected {_rejected(supervisor):>5}  "
+        f"in flight {supervisor.daemon.source.tracker.pending:>4}  "
         f"{rate:8.0f} msg/s",
         end=end,
         flush=True,

@@ -21,14 +21,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from agents.bus import Inbox
 from agents.events import RawMessage
+from agents.retry import backoff
 from daemon.acks import AckTracker
 from daemon.config import Config
-from daemon.metrics import Metrics
+from daemon.metrics import IntakeMetrics
 from daemon.paho_bridge import PahoBridge
+
+__all__ = ["MqttSource"]
 
 log = logging.getLogger("ingestd.mqtt")
 
@@ -38,7 +40,7 @@ ONLINE, OFFLINE = b"online", b"offline"
 class MqttSource:
     """Connects, subscribes, delivers messages to the validation inbox and sends PUBACKs."""
 
-    def __init__(self, config: Config, inbox: Inbox[RawMessage], metrics: Metrics) -> None:
+    def __init__(self, config: Config, inbox: Inbox[RawMessage], metrics: IntakeMetrics) -> None:
         self._config = config
         self._mqtt = config.mqtt
         self._inbox = inbox
@@ -62,9 +64,9 @@ class MqttSource:
     def _ack(self, mid: int, qos: int) -> bool:
         return self.bridge.ack(mid, qos)
 
-    def publish_nowait(self, topic: str, payload: bytes, qos: int) -> bool:
-        """Queue an outbound event on the current connection (see ``PahoBridge``)."""
-        return self.bridge.publish_nowait(topic, payload, qos)
+    def publish(self, topic: str, payload: bytes, qos: int, *, retain: bool = False) -> bool:
+        """The outbound port: queue a message on the current connection (see ``PahoBridge``)."""
+        return self.bridge.publish_nowait(topic, payload, qos, retain=retain)
 
     async def reconfigure(self, config: Config) -> None:
         """Reconnect with a reloaded config (broker, credentials, TLS, subscriptions...).
@@ -176,14 +178,11 @@ class MqttSource:
     async def run(self) -> None:
         """Stay connected until ``close``: reconnect with capped, jittered backoff."""
         while not self._stopping:
-            retrying = AsyncRetrying(
-                retry=retry_if_exception_type((aiomqtt.MqttError, OSError)),
-                wait=wait_random_exponential(
-                    multiplier=self._mqtt.reconnect_min_seconds,
-                    max=self._mqtt.reconnect_max_seconds,
-                ),
+            retrying = backoff(
+                (aiomqtt.MqttError, OSError),
+                first=self._mqtt.reconnect_min_seconds,
+                cap=self._mqtt.reconnect_max_seconds,
                 before_sleep=self._log_retry,
-                reraise=True,
             )
             async for attempt in retrying:
                 with attempt:

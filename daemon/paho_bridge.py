@@ -10,10 +10,11 @@ this module reaches into the paho client aiomqtt wraps:
 - its own socket reader, removed and re-added to pause intake when the in-flight window
   is full (TCP backpressure then reaches the broker); it reads a bounded run of packets
   per wake-up through a buffered socket (paho alone makes 3 ``recv`` calls per packet),
-  and decodes a complete QoS 0/1 PUBLISH found in that buffer itself (paho builds a
-  message object, logs, and matches the topic against per-filter callbacks for each:
-  about a third of the daemon's CPU in a profile). Everything else, partial packets and
-  PUBLISHes with v5 properties included, goes through paho as before;
+  and decodes a complete QoS 0/1 PUBLISH found in that buffer itself with
+  ``daemon.mqtt_packets`` (paho builds a message object, logs, and matches the topic
+  against per-filter callbacks for each: about a third of the daemon's CPU in a profile).
+  Everything else, partial packets and PUBLISHes with v5 properties included, goes
+  through paho as before;
 - an outbox that coalesces PUBACKs and QoS 0 publishes into one write per loop turn
   (paho alone makes a ``send`` and several objects per packet).
 
@@ -25,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+
+from daemon.mqtt_packets import RawPublish, decode_publish, encode_publish_qos0
+
+__all__ = ["OnPublish", "PahoBridge"]
 
 # on_publish(topic, payload, mid, qos, dup, retain), called for every PUBLISH received.
 OnPublish = Callable[[str, bytes, int, int, bool, bool], None]
@@ -69,55 +73,17 @@ class _BufferedSocket:
         inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
         return self.buffered() + int(inner)
 
-    def take_publish(self, v5: bool) -> tuple[bytes, bytes, int, int, bool, bool] | None:
+    def take_publish(self, v5: bool) -> RawPublish | None:
         """The next packet, if it is a whole QoS 0/1 PUBLISH already buffered, decoded.
 
-        Returns (topic, payload, mid, qos, dup, retain) and consumes the packet; returns
-        None and consumes nothing for anything else (another packet type, QoS 2, v5
-        properties, no topic, a packet not wholly read yet, or a malformed one: paho
-        reports those).
+        Consumes the packet; returns None and consumes nothing for anything else (see
+        ``decode_publish``).
         """
-        buf, pos, end = self._buffer, self._pos, len(self._buffer)
-        if pos >= end:
+        decoded = decode_publish(self._buffer, self._pos, v5)
+        if decoded is None:
             return None
-        header = buf[pos]
-        qos = (header >> 1) & 3
-        if header >> 4 != 3 or qos > 1:
-            return None
-        # Remaining length: 1 to 4 bytes, 7 bits each, least significant first.
-        length, shift, i = 0, 0, pos + 1
-        while True:
-            if i >= end or shift > 21:
-                return None
-            byte = buf[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        stop = i + length
-        if stop > end or length < 2:
-            return None
-        topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
-        if topic_end == i + 2:  # no topic: malformed on 3.1.1, a topic alias on v5
-            return None
-        body = topic_end + 2 if qos else topic_end
-        if v5:
-            if body >= stop or buf[body] != 0:  # properties present (or malformed)
-                return None
-            body += 1
-        if body > stop:
-            return None
-        mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
-        self._pos = stop
-        return (
-            buf[i + 2 : topic_end],
-            buf[body:stop],
-            mid,
-            qos,
-            bool(header & 0x08),
-            bool(header & 0x01),
-        )
+        self._pos, publish = decoded
+        return publish
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -213,10 +179,6 @@ class PahoBridge:
             if self._reading and self._sock is not None and self._sock.buffered():
                 # Already read from the kernel: the fd may never become readable for these.
                 self._loop.call_soon(self._on_readable)
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
 
     def _hold_keepalive(self) -> None:
         # paho declares the link dead when no byte arrives for a keepalive interval, and
@@ -333,7 +295,7 @@ class PahoBridge:
         if qos == 0:
             if len(self._outbox) >= _MAX_OUTBOX_BYTES:
                 return False
-            self._queue(_publish_qos0(topic, payload, retain, self._v5))
+            self._queue(encode_publish_qos0(topic, payload, retain, self._v5))
             return True
         info = self._paho.publish(topic, payload, qos, retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
@@ -390,19 +352,3 @@ def _enable_tcp_keepalive(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-
-
-def _publish_qos0(topic: str, payload: bytes, retain: bool, v5: bool) -> bytes:
-    """A complete QoS 0 PUBLISH packet."""
-    name = topic.encode()
-    body = struct.pack("!H", len(name)) + name + (b"\x00" if v5 else b"") + payload
-    return bytes((0x30 | retain,)) + _remaining_length(len(body)) + body
-
-
-def _remaining_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | 0x80 if length else byte)
-        if not length:
-            return bytes(out)

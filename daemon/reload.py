@@ -1,4 +1,4 @@
-"""What a SIGHUP reload may change while running, and what needs a restart.
+"""SIGHUP: what a reload may change while running, what needs a restart, and applying it.
 
 ``ingestd run`` re-reads its config file (and the INGESTD_* environment) on SIGHUP
 (``systemctl reload ingestd``). An invalid file changes nothing: the running config
@@ -7,9 +7,18 @@ stays and the log says why.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
-from daemon.config import Config
+from agents.registry import DeviceRegistry, RegistryError
+from daemon.config import Config, ConfigError, load_config
+from daemon.logs import setup_logging
+from daemon.wiring import Daemon, build_routes, event_settings, file_registry
+
+__all__ = ["LIVE", "RECONNECT", "RESTART", "changes", "needs_reconnect", "reload"]
+
+log = logging.getLogger("ingestd")
 
 # Applied at once: log level and format, the registry, validation limits and sources,
 # outbound events.
@@ -45,3 +54,38 @@ def needs_reconnect(changed: dict[str, list[str]]) -> bool:
             "prefix" in changed.get("publish", [])  # the status topic and the will
         )
     )
+
+
+async def reload(daemon: Daemon, config_file: Path | None, device_table: DeviceRegistry) -> None:
+    """Re-read the config: apply what can change live, reconnect where needed, and say
+    what waits for a restart. An invalid config changes nothing."""
+    try:
+        new = load_config(config_file)
+        registry = file_registry(new)
+    except (ConfigError, RegistryError) as exc:
+        log.error("reload refused, running config kept", extra={"error": str(exc)})  # noqa: TRY400
+        return
+    changed = changes(daemon.config, new)
+    old = daemon.config
+    setup_logging(new.log.level, new.log.format)
+    limit = new.ingest.max_payload_bytes
+    daemon.validation.reconfigure(build_routes(new, daemon.source), limit)
+    daemon.persistence.max_payload_bytes = limit
+    daemon.publisher.reconfigure(event_settings(new))
+    # The registry file is read again even when its path did not change (its content
+    # may have), and the devices table is merged over it as at start-up.
+    registry.merge(device_table)
+    daemon.registry = daemon.enrichment.registry = registry
+    daemon.metrics.pipeline.registry_devices.set(len(registry))
+    pending = {s: keys for s, keys in changed.items() if s in RESTART}
+    log.info(
+        "config reloaded",
+        extra={
+            "changed": {s: k for s, k in changed.items() if s not in RESTART},
+            "needs_restart": pending or None,
+        },
+    )
+    # Keep reporting what actually runs for the sections that wait for a restart.
+    daemon.config = new.model_copy(update={s: getattr(old, s) for s in pending})
+    if needs_reconnect(changed):
+        await daemon.source.reconfigure(daemon.config)

@@ -1,0 +1,179 @@
+"""Wiring: the daemon's object graph, built from the config in one place.
+
+Every implementation is chosen here, once, by name: the storage backend by the database
+URL, a decoder per source by its format. Nothing downstream asks which one it got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from agents.base import Service
+from agents.bus import Bus
+from agents.decoding import DECODERS, DecoderContext, Route, Router
+from agents.drainer import SpoolDrainer
+from agents.enrichment import EnrichmentAgent
+from agents.events import (
+    EnrichedMessage,
+    RawMessage,
+    ReadingsStored,
+    RejectedMessage,
+    RejectionsStored,
+    ValidatedMessage,
+)
+from agents.outbound import Outbound
+from agents.persistence import PersistenceAgent
+from agents.publisher import EventSettings, Publisher
+from agents.registry import DeviceRegistry, load_registry_file
+from agents.storage import Storage
+from agents.validation import ValidationAgent
+from daemon import __version__
+from daemon.config import Config
+from daemon.http import HealthServer
+from daemon.metrics import Metrics, ReadinessCollector, SpoolCollector, WindowCollector
+from daemon.mqtt import MqttSource
+from db.backends import WriterOptions, backend_for
+from db.spool import Spool
+
+__all__ = ["Daemon", "build_routes", "event_settings", "file_registry", "prepare_schema", "wire"]
+
+# Room in the validation inbox beyond the in-flight window: what paho may deliver in one read.
+_READ_SLACK = 1024
+
+
+@dataclass(slots=True)
+class Daemon:
+    """Everything one running ingestd is made of."""
+
+    config: Config
+    metrics: Metrics
+    bus: Bus
+    source: MqttSource
+    storage: Storage
+    registry: DeviceRegistry
+    validation: ValidationAgent
+    enrichment: EnrichmentAgent
+    persistence: PersistenceAgent
+    publisher: Publisher
+    drainer: SpoolDrainer | None
+    http: HealthServer
+
+    @property
+    def services(self) -> list[Service]:
+        """What the supervisor runs and restarts: the agents and the spool drainer."""
+        agents: list[Service] = [self.validation, self.enrichment, self.persistence, self.publisher]
+        return [*agents, *([self.drainer] if self.drainer else [])]
+
+    def not_ready_reason(self) -> str | None:
+        """None when ready: broker connected and readings can be made durable."""
+        if not self.source.connected.is_set():
+            return "broker not connected"
+        return self.source.subscription_problem or self.storage.not_ready_reason()
+
+
+def wire(
+    config: Config, registry: CollectorRegistry, readiness: Callable[[], str | None]
+) -> Daemon:
+    """The whole graph for ``config``, metrics on ``registry``; nothing started yet.
+
+    ``readiness`` answers ``/readyz`` and ``ingestd_ready`` (the supervisor's view, which
+    adds shutting down to ``Daemon.not_ready_reason``).
+    """
+    metrics = Metrics(registry, __version__)
+    pipeline, bus = metrics.pipeline, Bus(metrics.pipeline)
+    size, limit = config.daemon.inbox_size, config.ingest.max_payload_bytes
+    raw_inbox = bus.inbox("validation", config.mqtt.max_inflight + _READ_SLACK, RawMessage)
+    source = MqttSource(config, raw_inbox, metrics.intake)
+    storage = _storage(config, metrics)
+    devices = DeviceRegistry()
+    store_inbox = bus.inbox("persistence", size, EnrichedMessage, RejectedMessage)
+    persistence = PersistenceAgent(
+        bus, pipeline, store_inbox, storage, source.tracker.settle, config.database.batch_size,
+        max_payload_bytes=limit, batches_in_flight=config.database.batches_in_flight,
+    )  # fmt: skip
+    publish_inbox = bus.inbox("publisher", size, ReadingsStored, RejectionsStored)
+    spool = storage.spool
+    drainer = None if spool is None else SpoolDrainer(spool, storage, bus, pipeline)
+    daemon = Daemon(
+        config=config,
+        metrics=metrics,
+        bus=bus,
+        source=source,
+        storage=storage,
+        registry=devices,
+        validation=ValidationAgent(bus, pipeline, raw_inbox, build_routes(config, source), limit),
+        enrichment=EnrichmentAgent(
+            bus, pipeline, bus.inbox("enrichment", size, ValidatedMessage), devices
+        ),
+        persistence=persistence,
+        publisher=Publisher(bus, pipeline, publish_inbox, source, event_settings(config)),
+        drainer=drainer,
+        http=HealthServer(config.metrics.host, config.metrics.port, registry, readiness),
+    )
+    _register_collectors(daemon, readiness)
+    return daemon
+
+
+def _storage(config: Config, metrics: Metrics) -> Storage:
+    backend = backend_for(config.database_url)
+    writer = backend.writer(_writer_options(config))
+    # Store and forward is for a database across a network; the embedded SQLite file is
+    # as local as a spool would be.
+    spool = Spool(config.spool_path, config.spool.max_bytes) if backend.spooled else None
+    return Storage(writer, spool, metrics.pipeline)
+
+
+def _writer_options(config: Config) -> WriterOptions:
+    return WriterOptions(
+        config.database_url,
+        command_timeout=config.database.command_timeout_seconds,
+        connect_timeout=config.database.connect_timeout_seconds,
+        # One connection per batch in flight, one for the spool drainer and the devices table.
+        connections=config.database.batches_in_flight + 1,
+    )
+
+
+def _register_collectors(daemon: Daemon, readiness: Callable[[], str | None]) -> None:
+    registry = daemon.metrics.registry
+    registry.register(WindowCollector(daemon.source.tracker))
+    registry.register(SpoolCollector(daemon.storage.spool))
+    registry.register(ReadinessCollector(readiness))
+    for service in daemon.services:
+        daemon.metrics.pipeline.track_agent(service.name)
+
+
+def build_routes(config: Config, outbound: Outbound) -> Router:
+    """One route per source, each with the decoder its format names."""
+    context = DecoderContext(outbound=outbound, state_dir=config.state_dir)
+    return Router(
+        [
+            Route(source.topic, source.parsed_template, DECODERS[source.format](context))
+            for source in config.ingest.sources
+        ]
+    )
+
+
+def event_settings(config: Config) -> EventSettings:
+    """The Publisher's settings, at start and on every reload."""
+    publish = config.publish
+    return EventSettings(
+        prefix=publish.prefix,
+        processed=publish.processed,
+        processed_qos=publish.processed_qos,
+        failed_qos=publish.failed_qos,
+        max_payload_bytes=config.ingest.max_payload_bytes,
+    )
+
+
+def file_registry(config: Config) -> DeviceRegistry:
+    """The registry file, read (empty when none is configured); raises RegistryError."""
+    path = config.ingest.registry_file
+    return DeviceRegistry() if path is None else DeviceRegistry(load_registry_file(path))
+
+
+def prepare_schema(config: Config) -> str | None:
+    """Migrate the embedded SQLite file; check a PostgreSQL schema. Returns a problem or None."""
+    return backend_for(config.database_url).prepare(_writer_options(config))
