@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from env import BenchEnv
+from bench.env import BenchEnv
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The reference consumers ingestd is compared with, each run as its own process.
 
-    python bench/consumers.py ceiling --port P --client-id ID --count N
-    python bench/consumers.py naive   --port P --client-id ID --count N --dsn postgresql://...
+    python -m bench.consumers ceiling --port P --client-id ID --count N
+    python -m bench.consumers naive   --port P --client-id ID --count N --dsn postgresql://...
 
 Both resume a persistent session that already holds the backlog (the harness created it
 and subscribed it, so they do not subscribe again), acknowledge automatically on receipt,

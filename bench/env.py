@@ -21,16 +21,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from harness.servers import (  # noqa: E402 - needs the path above
+from tests.harness.servers import (
     Mosquitto,
     Postgres,
     find_mosquitto,
     free_port,
     unique_name,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 BIN = Path(sys.executable).parent
 INGESTD = BIN / "ingestd"

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from base import ScenarioError
-from env import INGESTD, free_port, ingestd_env, metrics
+from bench.base import ScenarioError
+from bench.env import INGESTD, free_port, ingestd_env, metrics
 
 STALL_SECONDS = 30.0  # a drain with no progress for this long is reported as failed
 POLL_SECONDS = 0.1

@@ -1,8 +1,8 @@
 """Live traffic for the latency, soak and catch-up scenarios: a paced publisher and a
 subscriber to ingestd's processed events, each run as its own process.
 
-    python bench/live.py publish   --port P --rate R [--count N] [--client-id ID]
-    python bench/live.py subscribe --port P [--topic 'ingestd/processed/#'] [--expect N]
+    python -m bench.live publish   --port P --rate R [--count N] [--client-id ID]
+    python -m bench.live subscribe --port P [--topic 'ingestd/processed/#'] [--expect N]
 
 Own processes, so neither competes with the other (or with the benchmark's polling) for
 one GIL: a receive timestamp taken late because the publisher held the GIL would show up
@@ -39,10 +39,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-import load
 import paho.mqtt.client as mqtt
 
-HERE = Path(__file__).resolve()
+from bench import load
+
+REPO = Path(__file__).resolve().parents[1]  # run from here: python -m bench.live
 TICK = 0.002  # the publisher writes every 2 ms: ~10 messages per write at 5,000 msg/s
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -255,14 +256,14 @@ class LiveProcess:
     def __init__(self, workdir: Path, name: str, argv: list[str], count: int | None = None) -> None:
         self.name = name
         self.count = count  # messages it will publish (None: until stopped)
-        self.argv = [sys.executable, str(HERE), *argv]
+        self.argv = [sys.executable, "-m", "bench.live", *argv]
         self.err_path = workdir / f"{name}.stderr"
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         with self.err_path.open("a") as err:
             self.process = subprocess.Popen(
-                self.argv, stdout=subprocess.PIPE, stderr=err, text=True
+                self.argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True
             )
 
     @property

@@ -20,12 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import live
-import load
-from base import Row, Scenario, ScenarioError, check_readings
-from env import BenchEnv, cpu_seconds, open_fds, peak_rss_mb, rss_mb
-from harness.servers import Mosquitto
-from ingestd_process import (
+from bench import live, load
+from bench.base import Row, Scenario, ScenarioError, check_readings
+from bench.env import BenchEnv, cpu_seconds, open_fds, peak_rss_mb, rss_mb
+from bench.ingestd_process import (
     DaemonProcess,
     histogram,
     histogram_delta,
@@ -33,7 +31,8 @@ from ingestd_process import (
     timeline_point,
     wait_stored,
 )
-from proxy import DelayProxy
+from bench.proxy import DelayProxy
+from tests.harness.servers import Mosquitto
 
 WARM_UP = len(load.TOPICS)  # one reading per series before the clock runs (old timestamps)
 DEFAULT_SOAK_RATE = 4_000.0  # when no ingestd drain was measured in this run

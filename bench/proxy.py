@@ -28,8 +28,7 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-import env  # noqa: F401 - puts the test harness on sys.path
-from harness.loop_thread import LoopThread, reset
+from tests.harness.loop_thread import LoopThread, reset
 
 T = TypeVar("T")
 

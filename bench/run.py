@@ -3,10 +3,10 @@
 ingestd runs side by side with a count-only paho subscriber (the Python receive ceiling)
 and a naive consumer doing one INSERT per message, then under live traffic.
 
-    .venv/bin/python bench/run.py [--readings N] [--runs K] [--scenarios a,b,c] [--quick]
-                                  [--live-rate R] [--latency-seconds S] [--soak-seconds S]
-                                  [--soak-rate R] [--outage-seconds S] [--wan-delay-ms MS]
-                                  [--json PATH] [--keep]
+    .venv/bin/python -m bench.run [--readings N] [--runs K] [--scenarios a,b,c] [--quick]
+                                   [--live-rate R] [--latency-seconds S] [--soak-seconds S]
+                                   [--soak-rate R] [--outage-seconds S] [--wan-delay-ms MS]
+                                   [--json PATH] [--keep]
 
 Prints one table (medians over the runs) and the PASS/MISS lines of the targets, and writes
 every run plus machine info to a JSON file. Exits 0 even when a target is missed; exits 1
@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from base import Options, Row, Scenario, ScenarioError
-from env import BenchEnv
-from scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from bench.base import Options, Row, Scenario, ScenarioError
+from bench.env import BenchEnv
+from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_READINGS = 200_000

@@ -19,19 +19,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
-import load
-from base import Options, Row, Scenario, ScenarioError, check_readings
-from env import BenchEnv, CpuMeter, cpu_seconds, peak_rss_mb
-from ingestd_process import DaemonProcess, wait_stored
-from live_scenarios import CatchUp, Latency, LatencyFloor, Soak
-from proxy import DelayProxy
+from bench import load
+from bench.base import Options, Row, Scenario, ScenarioError, check_readings
+from bench.env import REPO, BenchEnv, CpuMeter, cpu_seconds, peak_rss_mb
+from bench.ingestd_process import DaemonProcess, wait_stored
+from bench.live_scenarios import CatchUp, Latency, LatencyFloor, Soak
+from bench.proxy import DelayProxy
 
 __all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Options", "Row", "Scenario", "check_readings"]
 
-CONSUMERS = Path(__file__).with_name("consumers.py")
 NAIVE_MAX_READINGS = 40_000  # one INSERT per message runs at ~2-4k/s: keep it under ~20 s
 SHARED_GROUP = "bench"
 MIN_SHARE = 0.25  # scale-out: each instance must store at least this share to count as working
@@ -81,13 +79,15 @@ class ConsumerScenario(Scenario):
     ) -> tuple[dict[str, Any], float]:
         """Run the consumer process; return its JSON report and its wall-clock start."""
         argv = [
-            sys.executable, str(CONSUMERS), self.consumer, "--port", str(port),
+            sys.executable, "-m", "bench.consumers", self.consumer, "--port", str(port),
             "--client-id", client_id, "--count", str(readings),
         ]  # fmt: skip
         if dsn is not None:
             argv += ["--dsn", dsn]
         started = time.time()
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+        result = subprocess.run(
+            argv, cwd=REPO, capture_output=True, text=True, timeout=900, check=False
+        )
         lines = result.stdout.strip().splitlines()
         if not lines:
             raise ScenarioError(

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from harness.servers import Mosquitto, Postgres, describe_tasks, leaked_tasks, unique_name
+
+from tests.harness.servers import Mosquitto, Postgres, describe_tasks, leaked_tasks, unique_name
 
 pytest_plugins = ["pytester"]
 

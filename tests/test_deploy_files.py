@@ -29,9 +29,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from harness.mosquitto_conf import duration_seconds
-from harness.mosquitto_conf import settings as mosquitto_settings
-from harness.servers import find_mosquitto, free_port, unique_name, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.config import (
@@ -42,6 +39,9 @@ from daemon.config import (
     MqttConfig,
     load_config,
 )
+from tests.harness.mosquitto_conf import duration_seconds
+from tests.harness.mosquitto_conf import settings as mosquitto_settings
+from tests.harness.servers import find_mosquitto, free_port, unique_name, wait_until
 
 # A full YAML parser when the environment has one (PyYAML is not a dependency); see _load_yaml.
 yaml: Any = importlib.import_module("yaml") if importlib.util.find_spec("yaml") else None

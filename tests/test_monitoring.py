@@ -4,7 +4,9 @@ deploy/prometheus/ passes `promtool check config`, `check rules` and its own rul
 (alerts.test.yml: every alert shown firing and not firing); the Grafana dashboard is valid for
 provisioning and wired to the provisioned datasource and the compose services; and a live
 `ingestd run` (real mosquitto and PostgreSQL) exports every metric, and every label, that the
-dashboard and the alert rules use. No Prometheus or Grafana server runs here.
+dashboards and the alert rules use, each with a series from its first scrape: label values
+known in advance (reasons, causes, kinds, inboxes, agents) start at 0. No Prometheus or
+Grafana server runs here.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from typing import Any
 
 import pytest
 import yaml
-from harness.daemon import INGESTD, Daemon, publish_all
-from harness.servers import Mosquitto, unique_name, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+
+from agents.reasons import REASONS
+from db.writer import ERROR_KINDS
+from tests.harness.daemon import INGESTD, Daemon, publish_all
+from tests.harness.servers import Mosquitto, unique_name, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -32,19 +37,29 @@ ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERT_TESTS = PROMETHEUS_DIR / "alerts.test.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "ingestd.json"
+DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA_DIR / "provisioning" / "dashboards" / "ingestd.yml"
 COMPOSE = ROOT / "docker-compose.yml"
 
-# Families that get their first series only on a fault (a lost broker, a failing database,
-# a crashed agent, a full inbox or outbound queue): a healthy daemon declares them (HELP/TYPE)
-# without samples. Every other family the dashboard or the alerts use must have samples.
-FAULT_ONLY = {
-    "ingestd_mqtt_disconnects",
-    "ingestd_database_errors",
-    "ingestd_events_dropped",
-    "ingestd_agent_restarts",
-    "ingestd_queue_full_waits",
+# The one family the dashboards and alerts use that cannot have a series before traffic: its
+# label is a device id, unknowable in advance (the daemon declares it, HELP/TYPE, empty).
+NO_SERIES_BEFORE_TRAFFIC = {"ingestd_device_last_seen_timestamp_seconds"}
+# Label values known in advance: each has a series, at 0, from the first scrape.
+AGENTS = {"validation", "enrichment", "persistence", "publisher"}
+INBOXES = {"validation", "enrichment", "persistence", "publisher"}
+EVENT_KINDS = {"processed", "failed"}
+KNOWN_LABEL_VALUES: dict[str, tuple[str, set[str]]] = {  # family -> (label, values)
+    "ingestd_messages_rejected": ("reason", set(REASONS)),
+    "ingestd_mqtt_disconnects": ("cause", {"connect_failed", "lost"}),
+    "ingestd_events_published": ("kind", EVENT_KINDS),
+    "ingestd_events_dropped": ("kind", EVENT_KINDS),
+    "ingestd_database_errors": ("kind", set(ERROR_KINDS)),
+    "ingestd_queue_depth": ("inbox", INBOXES),
+    "ingestd_queue_capacity": ("inbox", INBOXES),
+    "ingestd_queue_full_waits": ("inbox", INBOXES),
+    "ingestd_agent_up": ("agent", AGENTS),
+    "ingestd_agent_restarts": ("agent", AGENTS),
 }
 # Labels Prometheus adds to every scraped series, and the bucket label of histograms.
 TARGET_LABELS = {"job", "instance"}
@@ -89,6 +104,7 @@ class Family:
     kind: str
     labels: set[str] = field(default_factory=set)
     samples: int = 0
+    values: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> value -> sum
 
 
 @dataclass
@@ -115,17 +131,20 @@ class Exported:
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
                 family.samples += 1
                 family.labels.update(sample.labels)
+                for label, value in sample.labels.items():
+                    sums = family.values.setdefault(label, {})
+                    sums[value] = sums.get(value, 0.0) + sample.value
         return cls(families, series, totals)
 
-    def problems(self, names: set[str]) -> list[str]:
-        """Why some of ``names`` are not usable: not exported, or no series on a healthy
-        daemon (outside FAULT_ONLY)."""
+    def problems(self, names: set[str], without_series: frozenset[str] = frozenset()) -> list[str]:
+        """Why some of ``names`` are not usable: not exported, or no series (unless their
+        family is in ``without_series``)."""
         found = []
         for name in sorted(names):
             family = self.series.get(name)
             if family is None:
                 found.append(f"{name}: not exported")
-            elif self.families[family].samples == 0 and family not in FAULT_ONLY:
+            elif self.families[family].samples == 0 and family not in without_series:
                 found.append(f"{name}: declared but no series ({family})")
         return found
 
@@ -198,7 +217,9 @@ def test_extractors_read_promql() -> None:
         "ingestd_x_total: declared but no series (ingestd_x)",
         "ingestd_y: not exported",
     ]
+    assert exported.problems({"ingestd_x_total"}, frozenset({"ingestd_x"})) == []
     assert exported.labels_of({"ingestd_h_bucket"}) == {"job", "instance", "le"}
+    assert exported.families["ingestd_h"].values == {"le": {"1.0": 1.0}}
 
 
 # ================================================================ promtool
@@ -384,8 +405,8 @@ def _migrate(url: str) -> None:
 
 
 def _traffic(prefix: str) -> list[tuple[str, bytes]]:
-    """Good readings from two devices and two kinds of bad messages, so labelled series
-    (reason, device_id, kind, inbox) exist."""
+    """Good readings from two devices and two kinds of bad messages, so the series only
+    traffic creates (a device id's) exist and labelled counters move."""
     good = [
         (f"sensors/{prefix}-{device}/temp", b'{"value": %d, "ts": %d}' % (i, 1_790_000_000 + i))
         for device in ("a", "b")
@@ -400,7 +421,8 @@ def _traffic(prefix: str) -> list[tuple[str, bytes]]:
 
 @pytest.fixture
 def live_daemon(tmp_path: Path, mosquitto: Mosquitto, pg_url: str) -> Iterator[Daemon]:
-    """`ingestd run` on PostgreSQL (the compose setup: spool, drainer and their metrics live)."""
+    """`ingestd run` on PostgreSQL (the compose setup: spool, drainer and their metrics live),
+    started and ready; nothing published yet."""
     _migrate(pg_url)
     daemon = Daemon(
         tmp_path / "daemon",
@@ -427,52 +449,112 @@ def _used_by_alerts() -> list[tuple[str, str, set[str]]]:
     return found
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(60)
-def test_dashboard_and_alerts_use_only_what_the_daemon_exports(
-    live_daemon: Daemon, mosquitto: Mosquitto
-) -> None:
+def _uses() -> list[tuple[str, set[str], set[str]]]:
+    """(where, metric names, labels) for every dashboard query and every alert rule."""
     uses: list[tuple[str, set[str], set[str]]] = [
-        (where, metric_names(expr), label_names(expr) | set(LEGEND_LABEL.findall(legend)))
-        for where, expr, legend in dashboard_queries(load_json(DASHBOARD))
+        (
+            f"{path.name} {where}",
+            metric_names(expr),
+            label_names(expr) | set(LEGEND_LABEL.findall(legend)),
+        )
+        for path in DASHBOARDS
+        for where, expr, legend in dashboard_queries(load_json(path))
     ]
     uses += [(f"alert {a}", metric_names(text), labels) for a, text, labels in _used_by_alerts()]
+    return uses
+
+
+def _scrape(daemon: Daemon) -> Exported:
+    status, text = daemon.http("/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    return Exported.parse(text)
+
+
+def _wrong_labels(exported: Exported, uses: list[tuple[str, set[str], set[str]]]) -> list[str]:
+    """Uses that select or split by a label their series do not carry (uses whose series
+    cannot tell yet, having none, are left out)."""
+    wrong = []
+    for where, names, labels in uses:
+        known = exported.labels_of(names)
+        if known is not None and not labels <= known:
+            wrong.append(f"{where}: {sorted(labels - known)} not on {sorted(names)}")
+    return wrong
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_dashboard_and_alert_metrics_have_series_from_the_first_scrape(
+    live_daemon: Daemon, mosquitto: Mosquitto
+) -> None:
+    uses = _uses()
+    assert len(DASHBOARDS) >= 1
     wanted = set().union(*(names for _, names, _ in uses))
     # Explicit, so a rename on either side fails here: the per-device staleness gauge and the
     # readiness gauge the alerts and the dashboard are built on.
     assert {"ingestd_device_last_seen_timestamp_seconds", "ingestd_ready"} <= wanted
+    # The one exemption, by name: a device id is not known before the device sends.
+    assert {"ingestd_device_last_seen_timestamp_seconds"} == NO_SERIES_BEFORE_TRAFFIC
 
+    # One scrape of the ready daemon, before any message is published.
+    first = _scrape(live_daemon)
+    assert first.totals["ingestd_messages_received_total"] == 0, "traffic before the scrape"
+    assert first.totals["ingestd_ready"] == 1
+
+    problems = [
+        f"{where}: {problem}"
+        for where, names, _ in uses
+        for problem in first.problems(names, frozenset(NO_SERIES_BEFORE_TRAFFIC))
+    ]
+    assert not problems, "metrics without a series on the first scrape:\n" + "\n".join(problems)
+    for family in NO_SERIES_BEFORE_TRAFFIC:  # declared all the same: HELP and TYPE, no samples
+        assert first.families[family].samples == 0, family
+    wrong_labels = _wrong_labels(first, uses)
+    assert not wrong_labels, "labels the daemon's series do not carry:\n" + "\n".join(wrong_labels)
+
+    # Label values known in advance: every one has its series, and a healthy daemon's is 0.
+    missing = []
+    for family, (label, values) in KNOWN_LABEL_VALUES.items():
+        found = first.families[family].values.get(label, {})
+        missing += [f"{family}{{{label}={v!r}}}" for v in sorted(values - found.keys())]
+    assert not missing, "series missing on the first scrape:\n" + "\n".join(missing)
+    for family in (
+        "ingestd_messages_rejected",
+        "ingestd_mqtt_disconnects",
+        "ingestd_events_published",
+        "ingestd_events_dropped",
+        "ingestd_database_errors",
+        "ingestd_queue_full_waits",
+        "ingestd_agent_restarts",
+    ):
+        label, _ = KNOWN_LABEL_VALUES[family]
+        nonzero = {v: n for v, n in first.families[family].values[label].items() if n}
+        assert not nonzero, f"{family} on a healthy, idle daemon: {nonzero}"
+    agents_up = first.families["ingestd_agent_up"].values["agent"]
+    assert {agent: agents_up[agent] for agent in AGENTS} == dict.fromkeys(AGENTS, 1.0)
+
+    # Then traffic: the per-device series appear, with the labels the panels and alerts use.
     traffic = _traffic(unique_name("dev"))
     publish_all(mosquitto.port, traffic)
     scrape: dict[str, Exported] = {}
 
     def settled() -> bool:
-        status, text = live_daemon.http("/metrics")
-        assert status == 200, f"/metrics answered {status}"
-        scrape["last"] = exported = Exported.parse(text)
+        scrape["last"] = exported = _scrape(live_daemon)
         return (
             exported.totals.get("ingestd_messages_received_total", 0) >= len(traffic)
             and exported.totals.get("ingestd_inflight_messages") == 0
-            and not exported.problems(wanted)
+            and exported.families["ingestd_device_last_seen_timestamp_seconds"].samples >= 2
         )
 
     with contextlib.suppress(TimeoutError):
         wait_until(settled, 20, interval=0.1)
     exported = scrape["last"]
-    problems = [
-        f"{where}: {problem}" for where, names, _ in uses for problem in exported.problems(names)
-    ]
-    assert not problems, "metrics the daemon does not export:\n" + "\n".join(problems)
-
-    wrong_labels = []
-    for where, names, labels in uses:
-        known = exported.labels_of(names)
-        if known is not None and not labels <= known:
-            wrong_labels.append(f"{where}: {sorted(labels - known)} not on {sorted(names)}")
+    problems = [f"{where}: {p}" for where, names, _ in uses for p in exported.problems(names)]
+    assert not problems, "metrics without a series after traffic:\n" + "\n".join(problems)
+    wrong_labels = _wrong_labels(exported, uses)
     assert not wrong_labels, "labels the daemon's series do not carry:\n" + "\n".join(wrong_labels)
-
-    # The labelled series the panels split by are really there, with the values published.
     last_seen = exported.families["ingestd_device_last_seen_timestamp_seconds"]
     assert last_seen.kind == "gauge"
-    assert last_seen.samples >= 2
-    assert exported.families["ingestd_messages_rejected"].samples >= 2  # two reasons
+    assert last_seen.samples == 2  # the two devices that sent good readings
+    rejected = exported.families["ingestd_messages_rejected"].values["reason"]
+    assert sum(rejected.values()) == 2
+    assert set(rejected) == set(REASONS)  # no reason outside the known ones

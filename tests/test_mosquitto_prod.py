@@ -24,14 +24,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from harness.daemon import Daemon
-from harness.mosquitto_conf import duration_seconds
-from harness.mosquitto_conf import settings as mosquitto_settings
-from harness.servers import Mosquitto, free_port, unique_name, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from daemon.config import MqttConfig
+from tests.harness.daemon import Daemon
+from tests.harness.mosquitto_conf import duration_seconds
+from tests.harness.mosquitto_conf import settings as mosquitto_settings
+from tests.harness.servers import Mosquitto, free_port, unique_name, wait_until
 
 pytestmark = [
     pytest.mark.e2e,

@@ -8,6 +8,8 @@ import itertools
 import json
 import random
 import statistics
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -17,10 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from harness.servers import Mosquitto, free_port
 
 from edge import simulator
-from edge.codecs import PayloadError, decode
+from edge.codecs import decode_json, decode_value
+from edge.errors import IngestdError
+from edge.readings import PayloadError, Reading
 from edge.signals import DEVICE_SENSORS, Pressure, Series, device_ids, make_series
 from edge.simulator import (
     JSON_BAD_REASONS,
@@ -34,9 +37,17 @@ from edge.simulator import (
     simulate,
 )
 from edge.topics import TopicTemplate
+from tests.harness.servers import Mosquitto, free_port
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 TEMPLATE = TopicTemplate.parse("sensors/{device_id}/{sensor_id}", "sensors/+/+")
+
+
+def decode(
+    payload: bytes, fmt: str, fields: dict[str, str], received_at: datetime
+) -> list[Reading]:
+    """What the daemon's ``fmt`` decoder makes of ``payload``."""
+    return (decode_json if fmt == "json" else decode_value)(payload, fields, received_at)
 
 
 def clock(seconds: int, step: float = 1.0) -> list[datetime]:
@@ -288,6 +299,26 @@ def test_cli_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -
 def test_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert simulator.run(parse_cli("--devices", "0")) == 2
     assert "devices must be at least 1" in capsys.readouterr().err
+
+
+def test_the_simulator_imports_nothing_of_the_daemon() -> None:
+    probe = (
+        "import sys, edge.simulator\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'daemon', 'agents', 'db'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_exported_name_is_importable_and_errors_are_ingestd_errors() -> None:
+    assert all(hasattr(simulator, name) for name in simulator.__all__)
+    assert issubclass(SimulatorError, IngestdError)
 
 
 # ------------------------------------------------------------------------- against a broker

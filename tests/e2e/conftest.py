@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import pytest
-from harness.daemon import INGESTD, Daemon
-from harness.servers import Mosquitto, unique_name
 
-
-def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(url)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
-def scalar(url: str, sql: str, *args: Any) -> Any:
-    return query(url, sql, *args)[0][0]
+from tests.harness.daemon import INGESTD, Daemon
+from tests.harness.servers import Mosquitto, unique_name
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness.daemon import INGESTD, Daemon
-from harness.servers import find_mosquitto, free_port
+
+from tests.harness.daemon import INGESTD, Daemon
+from tests.harness.servers import find_mosquitto, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

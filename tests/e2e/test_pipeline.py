@@ -10,9 +10,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import query, scalar
-from harness.daemon import Collector, Daemon, publish_all, streaming
-from harness.servers import Mosquitto, wait_until
+
+from tests.e2e.queries import query, scalar
+from tests.harness.daemon import Collector, Daemon, publish_all, streaming
+from tests.harness.servers import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

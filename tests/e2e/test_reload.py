@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness.daemon import Daemon, publish_all
-from harness.servers import Mosquitto, wait_until
+
+from tests.harness.daemon import Daemon, publish_all
+from tests.harness.servers import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

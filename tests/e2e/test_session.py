@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import query, scalar
-from harness.daemon import Collector, Daemon, paho_client, publish_all
-from harness.servers import Mosquitto, wait_until
+
+from tests.e2e.queries import query, scalar
+from tests.harness.daemon import Collector, Daemon, paho_client, publish_all
+from tests.harness.servers import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

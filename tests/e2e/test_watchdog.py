@@ -12,11 +12,12 @@ import socket
 from pathlib import Path
 
 import pytest
-from harness.daemon import publish_all
-from harness.servers import Mosquitto, free_port
 
 from daemon.config import load_config
-from daemon.supervisor import Supervisor, prepare_schema
+from daemon.supervisor import Supervisor
+from daemon.wiring import prepare_schema
+from tests.harness.daemon import publish_all
+from tests.harness.servers import Mosquitto, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -52,13 +53,13 @@ async def test_a_wedged_agent_stops_the_watchdog_pings_and_recovery_resumes_them
     assert await asyncio.to_thread(prepare_schema, config) is None
     supervisor = Supervisor(config)
     unwedge = asyncio.Event()
-    real_handle = supervisor.enrichment.handle
+    real_handle = supervisor.daemon.enrichment.handle
 
     async def wedged(batch: list[object]) -> None:
         await unwedge.wait()  # a bug, a call that never returns
         await real_handle(batch)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(supervisor.enrichment, "handle", wedged)
+    monkeypatch.setattr(supervisor.daemon.enrichment, "handle", wedged)
     run = asyncio.create_task(supervisor.run(install_signal_handlers=False))
     try:
         ready = await next_message(listener, 20)
@@ -84,7 +85,7 @@ async def test_a_wedged_agent_stops_the_watchdog_pings_and_recovery_resumes_them
             while (message := await next_message(listener, 15)) != "STOPPING=1":
                 assert message is not None, "no STOPPING=1"
         await asyncio.wait_for(run, 15)
-        assert supervisor.metrics.stored == 1  # the held message was stored after all
+        assert supervisor.metrics.pipeline.stored == 1  # the held message was stored after all
     finally:
         run.cancel()
         listener.close()

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultlib import OwnPostgres, counts, write_report
-from harness.daemon import INGESTD, Daemon
-from harness.servers import Mosquitto, Postgres, unique_name
+
+from tests.faults.faultlib import OwnPostgres, counts, write_report
+from tests.harness.daemon import INGESTD, Daemon
+from tests.harness.servers import Mosquitto, Postgres, unique_name
 
 
 def migrate(url: str) -> None:

@@ -23,8 +23,9 @@ from typing import Any
 
 import asyncpg
 import paho.mqtt.client as mqtt
-from harness.daemon import INGESTD, Daemon
-from harness.servers import Postgres, unique_name, wait_until
+
+from tests.harness.daemon import INGESTD, Daemon
+from tests.harness.servers import Postgres, unique_name, wait_until
 
 T0 = datetime(2026, 11, 27, 7, 0, tzinfo=UTC)
 BAD_EVERY = 400

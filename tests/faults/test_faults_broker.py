@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from faultlib import (
+
+from tests.faults.faultlib import (
     AUTOSAVE_MARGIN_SECONDS,
     Expected,
     OwnPostgres,
@@ -22,8 +23,8 @@ from faultlib import (
     traffic,
     wait_metric,
 )
-from harness.daemon import Daemon
-from harness.servers import Mosquitto, wait_until
+from tests.harness.daemon import Daemon
+from tests.harness.servers import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.e2e]
 

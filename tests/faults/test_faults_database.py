@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from faultlib import (
+
+from tests.faults.faultlib import (
     OUTAGE_ENV,
     Expected,
     OwnPostgres,
@@ -28,9 +29,9 @@ from faultlib import (
     wait_metric,
     wait_spool_drained,
 )
-from harness.daemon import Daemon
-from harness.proxy import TcpProxy
-from harness.servers import Mosquitto
+from tests.harness.daemon import Daemon
+from tests.harness.proxy import TcpProxy
+from tests.harness.servers import Mosquitto
 
 pytestmark = [pytest.mark.e2e]
 

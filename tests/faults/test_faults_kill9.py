@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultlib import (
+
+from tests.faults.faultlib import (
     OUTAGE_ENV,
     Expected,
     OwnPostgres,
@@ -24,8 +25,8 @@ from faultlib import (
     wait_metric,
     wait_spool_drained,
 )
-from harness.daemon import Daemon, publish_all
-from harness.servers import Mosquitto, wait_until
+from tests.harness.daemon import Daemon, publish_all
+from tests.harness.servers import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.e2e]
 

@@ -7,8 +7,9 @@ import time
 
 import asyncpg
 import pytest
-from faultlib import OwnPostgres
-from harness.proxy import TcpProxy
+
+from tests.faults.faultlib import OwnPostgres
+from tests.harness.proxy import TcpProxy
 
 pytestmark = [pytest.mark.timeout(60)]
 

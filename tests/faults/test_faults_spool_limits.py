@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultlib import (
+
+from tests.faults.faultlib import (
     OUTAGE_ENV,
     Expected,
     OwnPostgres,
@@ -28,8 +29,8 @@ from faultlib import (
     wait_metric,
     wait_spool_drained,
 )
-from harness.daemon import Daemon
-from harness.servers import Mosquitto
+from tests.harness.daemon import Daemon
+from tests.harness.servers import Mosquitto
 
 pytestmark = [pytest.mark.e2e]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from harness.servers import free_port, wait_until
+from tests.harness.servers import free_port, wait_until
 
 INGESTD = Path(sys.executable).with_name("ingestd")
 

@@ -30,8 +30,8 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from harness.loop_thread import LoopThread, reset
-from harness.servers import HOST, HarnessError
+from tests.harness.loop_thread import LoopThread, reset
+from tests.harness.servers import HOST, HarnessError
 
 __all__ = ["TcpProxy"]
 

@@ -15,8 +15,8 @@ import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import servers
-from harness.servers import (
+from tests.harness import servers
+from tests.harness.servers import (
     HarnessError,
     Mosquitto,
     Postgres,
@@ -172,10 +172,10 @@ async def test_leaks():
 def test_leak_guard_fails_only_the_leaking_test(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tests_dir = Path(__file__).resolve().parents[1]
-    pytester.makeconftest((tests_dir / "conftest.py").read_text())
+    repo = Path(__file__).resolve().parents[2]  # the import root: tests.harness lives there
+    pytester.makeconftest((repo / "tests" / "conftest.py").read_text())
     pytester.makepyfile(test_leak=LEAK_TESTS)
-    monkeypatch.setenv("PYTHONPATH", str(tests_dir))
+    monkeypatch.setenv("PYTHONPATH", str(repo))
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-o", "asyncio_mode=auto",
         "-o", "asyncio_default_fixture_loop_scope=function",

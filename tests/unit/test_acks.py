@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from daemon.acks import AckTracker
-from daemon.metrics import Metrics
+from daemon.metrics import IntakeMetrics, WindowCollector
 
 
 class FakeAcks:
@@ -38,40 +38,45 @@ class Room:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
 
 
-def sample(metrics: Metrics, name: str) -> float:
-    value = metrics.registry.get_sample_value(name)
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> IntakeMetrics:
+    return IntakeMetrics(registry)
+
+
+def sample(registry: CollectorRegistry, name: str) -> float:
+    value = registry.get_sample_value(name)
     assert value is not None, name
     return value
 
 
 def make(
-    metrics: Metrics, window: int = 100, result: bool = True
+    metrics: IntakeMetrics, window: int = 100, result: bool = True
 ) -> tuple[AckTracker, FakeAcks, Room]:
     acks, room = FakeAcks(result), Room()
     return AckTracker(window, acks, metrics, on_room=room), acks, room
 
 
-def test_sequence_numbers_count_up_from_zero(metrics: Metrics) -> None:
+def test_sequence_numbers_count_up_from_zero(metrics: IntakeMetrics) -> None:
     tracker, _, _ = make(metrics)
     assert [tracker.track(mid, 1) for mid in (7, 3, 9)] == [0, 1, 2]
     assert tracker.pending == 3
 
 
-def test_in_order_settle_acks_each(metrics: Metrics) -> None:
+def test_in_order_settle_acks_each(metrics: IntakeMetrics, registry: CollectorRegistry) -> None:
     tracker, acks, _ = make(metrics)
     seqs = [tracker.track(mid, 1) for mid in (11, 12, 13)]
     for seq in seqs:
         tracker.settle([seq])
     assert acks.sent == [(11, 1), (12, 1), (13, 1)]
     assert tracker.pending == 0
-    assert sample(metrics, "ingestd_acks_sent_total") == 3
+    assert sample(registry, "ingestd_acks_sent_total") == 3
 
 
-def test_out_of_order_settle_releases_acks_in_receive_order(metrics: Metrics) -> None:
+def test_out_of_order_settle_releases_acks_in_receive_order(metrics: IntakeMetrics) -> None:
     tracker, acks, _ = make(metrics)
     seqs = [tracker.track(mid, 1) for mid in (101, 102, 103, 104)]
     tracker.settle([seqs[3]])
@@ -86,7 +91,7 @@ def test_out_of_order_settle_releases_acks_in_receive_order(metrics: Metrics) ->
     assert tracker.pending == 0
 
 
-def test_settle_in_one_call_reversed(metrics: Metrics) -> None:
+def test_settle_in_one_call_reversed(metrics: IntakeMetrics) -> None:
     tracker, acks, _ = make(metrics)
     seqs = [tracker.track(mid, 1) for mid in range(1, 6)]
     tracker.settle(reversed(seqs))
@@ -98,7 +103,7 @@ def test_settle_in_one_call_reversed(metrics: Metrics) -> None:
 )
 @settings(max_examples=200, deadline=None, database=None)
 def test_any_settle_order_acks_exactly_the_settled_prefix(order: list[int], qos: list[int]) -> None:
-    tracker, acks, _ = make(Metrics(CollectorRegistry()))
+    tracker, acks, _ = make(IntakeMetrics(CollectorRegistry()))
     seqs = [tracker.track(1000 + i, qos[i]) for i in range(12)]
     settled: set[int] = set()
     for seq in order:
@@ -112,7 +117,9 @@ def test_any_settle_order_acks_exactly_the_settled_prefix(order: list[int], qos:
         assert tracker.pending == 12 - prefix
 
 
-def test_qos0_is_tracked_never_acked_and_does_not_block(metrics: Metrics) -> None:
+def test_qos0_is_tracked_never_acked_and_does_not_block(
+    metrics: IntakeMetrics, registry: CollectorRegistry
+) -> None:
     tracker, acks, _ = make(metrics)
     a = tracker.track(1, 1)
     b = tracker.track(0, 0)
@@ -123,10 +130,10 @@ def test_qos0_is_tracked_never_acked_and_does_not_block(metrics: Metrics) -> Non
     tracker.settle([b])
     assert acks.sent == [(1, 1), (2, 1)]
     assert tracker.pending == 0
-    assert sample(metrics, "ingestd_acks_discarded_total") == 0
+    assert sample(registry, "ingestd_acks_discarded_total") == 0
 
 
-def test_qos0_counts_against_the_window(metrics: Metrics) -> None:
+def test_qos0_counts_against_the_window(metrics: IntakeMetrics) -> None:
     tracker, _, _ = make(metrics, window=2)
     tracker.track(0, 0)
     assert not tracker.full
@@ -134,13 +141,15 @@ def test_qos0_counts_against_the_window(metrics: Metrics) -> None:
     assert tracker.full
 
 
-def test_qos2_ack_carries_its_qos(metrics: Metrics) -> None:
+def test_qos2_ack_carries_its_qos(metrics: IntakeMetrics) -> None:
     tracker, acks, _ = make(metrics)
     tracker.settle([tracker.track(5, 2)])
     assert acks.sent == [(5, 2)]
 
 
-def test_epoch_change_discards_old_acks_and_counts_them(metrics: Metrics) -> None:
+def test_epoch_change_discards_old_acks_and_counts_them(
+    metrics: IntakeMetrics, registry: CollectorRegistry
+) -> None:
     tracker, acks, _ = make(metrics)
     assert tracker.new_epoch() == 1
     old = [tracker.track(mid, 1) for mid in (1, 2, 3)]
@@ -151,21 +160,23 @@ def test_epoch_change_discards_old_acks_and_counts_them(metrics: Metrics) -> Non
     assert acks.sent == []  # still behind the old epoch's unsettled messages
     tracker.settle([*old, old_qos0])
     assert acks.sent == [(1, 1), (2, 1)]  # only the new connection's messages
-    assert sample(metrics, "ingestd_acks_discarded_total") == 3
-    assert sample(metrics, "ingestd_acks_sent_total") == 2
+    assert sample(registry, "ingestd_acks_discarded_total") == 3
+    assert sample(registry, "ingestd_acks_sent_total") == 2
     assert tracker.pending == 0
 
 
-def test_failed_send_counts_as_discarded(metrics: Metrics) -> None:
+def test_failed_send_counts_as_discarded(
+    metrics: IntakeMetrics, registry: CollectorRegistry
+) -> None:
     tracker, acks, _ = make(metrics, result=False)
     tracker.settle([tracker.track(9, 1)])
     assert acks.sent == [(9, 1)]
-    assert sample(metrics, "ingestd_acks_discarded_total") == 1
-    assert sample(metrics, "ingestd_acks_sent_total") == 0
+    assert sample(registry, "ingestd_acks_discarded_total") == 1
+    assert sample(registry, "ingestd_acks_sent_total") == 0
     assert tracker.pending == 0
 
 
-def test_settle_of_unknown_or_old_seqs_is_ignored(metrics: Metrics) -> None:
+def test_settle_of_unknown_or_old_seqs_is_ignored(metrics: IntakeMetrics) -> None:
     tracker, acks, _ = make(metrics)
     first = tracker.track(1, 1)
     tracker.settle([first])
@@ -184,7 +195,7 @@ def test_settle_of_unknown_or_old_seqs_is_ignored(metrics: Metrics) -> None:
     assert acks.mids == [1, 2, 3]
 
 
-def test_settle_of_a_future_seq_does_not_settle_it_in_advance(metrics: Metrics) -> None:
+def test_settle_of_a_future_seq_does_not_settle_it_in_advance(metrics: IntakeMetrics) -> None:
     tracker, acks, _ = make(metrics)
     tracker.settle([0])  # nothing tracked yet
     tracker.track(1, 1)
@@ -192,7 +203,7 @@ def test_settle_of_a_future_seq_does_not_settle_it_in_advance(metrics: Metrics) 
     assert tracker.pending == 1
 
 
-def test_full_at_window(metrics: Metrics) -> None:
+def test_full_at_window(metrics: IntakeMetrics) -> None:
     tracker, _, _ = make(metrics, window=3)
     seqs = []
     for mid in range(3):
@@ -203,15 +214,23 @@ def test_full_at_window(metrics: Metrics) -> None:
     assert not tracker.full
 
 
-def test_metrics_report_inflight_and_window(metrics: Metrics) -> None:
+def test_window_collector_reports_inflight_and_window(
+    metrics: IntakeMetrics, registry: CollectorRegistry
+) -> None:
     tracker, _, _ = make(metrics, window=7)
+    registry.register(WindowCollector(tracker))
+    assert sample(registry, "ingestd_inflight_messages") == 0
     tracker.track(1, 1)
-    tracker.track(2, 1)
-    assert sample(metrics, "ingestd_inflight_messages") == 2
-    assert sample(metrics, "ingestd_inflight_window") == 7
+    seq = tracker.track(2, 1)
+    assert sample(registry, "ingestd_inflight_messages") == 2
+    assert sample(registry, "ingestd_inflight_window") == 7
+    tracker.resize(9)
+    tracker.settle([0, seq])  # read at scrape time: no stale value
+    assert sample(registry, "ingestd_inflight_messages") == 0
+    assert sample(registry, "ingestd_inflight_window") == 9
 
 
-def test_on_room_after_dropping_below_resume_threshold(metrics: Metrics) -> None:
+def test_on_room_after_dropping_below_resume_threshold(metrics: IntakeMetrics) -> None:
     tracker, _, room = make(metrics, window=20)  # resume below 18 (window - window // 10)
     seqs = [tracker.track(mid, 1) for mid in range(20)]
     assert tracker.full
@@ -226,14 +245,14 @@ def test_on_room_after_dropping_below_resume_threshold(metrics: Metrics) -> None
     assert tracker.pending == 0
 
 
-def test_on_room_not_called_while_far_from_full(metrics: Metrics) -> None:
+def test_on_room_not_called_while_far_from_full(metrics: IntakeMetrics) -> None:
     tracker, _, room = make(metrics, window=100)
     for _ in range(50):
         tracker.settle([tracker.track(1, 1)])
     assert room.calls == 0
 
 
-def test_on_room_again_after_filling_again(metrics: Metrics) -> None:
+def test_on_room_again_after_filling_again(metrics: IntakeMetrics) -> None:
     tracker, _, room = make(metrics, window=10)  # resume below 9
     for round_ in range(1, 4):
         seqs = [tracker.track(mid, 1) for mid in range(10)]
@@ -242,7 +261,7 @@ def test_on_room_again_after_filling_again(metrics: Metrics) -> None:
         assert room.calls == round_
 
 
-def test_on_room_not_called_when_the_front_stays_unsettled(metrics: Metrics) -> None:
+def test_on_room_not_called_when_the_front_stays_unsettled(metrics: IntakeMetrics) -> None:
     tracker, _, room = make(metrics, window=10)
     seqs = [tracker.track(mid, 1) for mid in range(10)]
     tracker.settle(seqs[1:])  # the first is still open: nothing leaves the window
@@ -252,7 +271,7 @@ def test_on_room_not_called_when_the_front_stays_unsettled(metrics: Metrics) -> 
     assert room.calls == 1
 
 
-def test_on_room_with_window_of_one(metrics: Metrics) -> None:
+def test_on_room_with_window_of_one(metrics: IntakeMetrics) -> None:
     tracker, acks, room = make(metrics, window=1)
     seq = tracker.track(1, 1)
     assert tracker.full
@@ -261,7 +280,7 @@ def test_on_room_with_window_of_one(metrics: Metrics) -> None:
     assert room.calls == 1
 
 
-async def test_wait_drained(metrics: Metrics) -> None:
+async def test_wait_drained(metrics: IntakeMetrics) -> None:
     tracker, _, _ = make(metrics)
     await asyncio.wait_for(tracker.wait_drained(), 1)  # nothing tracked: returns at once
     a, b = tracker.track(1, 1), tracker.track(2, 0)
@@ -295,9 +314,15 @@ operations = st.lists(
 @settings(max_examples=300, deadline=None, database=None)
 def test_random_operations_keep_the_ack_invariants(ops: list[tuple[str, int]]) -> None:
     """Acks go out once each, in receive order, only for the current connection's messages."""
-    metrics = Metrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    metrics = IntakeMetrics(registry)
     sent: list[int] = []  # seqs whose ack was sent (the mid is the seq here)
-    tracker = AckTracker(1_000, lambda mid, _qos: sent.append(mid) is None, metrics)
+
+    def send(mid: int, _qos: int) -> bool:
+        sent.append(mid)
+        return True
+
+    tracker = AckTracker(1_000, send, metrics)
     epoch_of: dict[int, int] = {}
     qos_of: dict[int, int] = {}
     settled: set[int] = set()
@@ -312,16 +337,16 @@ def test_random_operations_keep_the_ack_invariants(ops: list[tuple[str, int]]) -
             tracker.settle([arg])
             if arg in epoch_of:
                 settled.add(arg)
-            released = sent[len(before) :]
-            # Whatever was released in this call belongs to the current connection.
-            assert all(epoch_of[seq] == tracker.epoch for seq in released)
+            acked = sent[len(before) :]
+            # Whatever was acked in this call belongs to the current connection.
+            assert all(epoch_of[seq] == tracker.epoch for seq in acked)
         prefix = 0
         while prefix in settled:
             prefix += 1
         assert tracker.pending == len(epoch_of) - prefix
     assert sent == sorted(set(sent))  # strictly increasing: in order, never twice
     assert all(seq in settled and qos_of[seq] for seq in sent)
-    discarded = metrics.registry.get_sample_value("ingestd_acks_discarded_total")
+    discarded = registry.get_sample_value("ingestd_acks_discarded_total")
     released = len(epoch_of) - tracker.pending
     # Every released QoS>0 message was either acked or discarded, never both.
     assert discarded is not None

@@ -1,63 +1,43 @@
-"""edge.codecs.decode reason codes, timestamps and properties; topic templates and routing."""
+"""edge.codecs: decode_json / decode_value reason codes and properties, and the encoders."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
-from datetime import UTC, datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.client import topic_matches_sub
 
-from agents.validation import TopicRouter
-from daemon.config import SourceConfig
-from edge import codecs
-from edge.codecs import (
-    PayloadError,
-    Reading,
-    decode,
-    encode_json,
-    encode_value,
-    format_ts,
-    parse_ts,
-)
-from edge.topics import TEMPLATE_FIELDS, TopicTemplate
+from edge import readings as codes
+from edge.codecs import decode_json, decode_value, encode_json, encode_value, has_own_ts
+from edge.readings import DECODER_REASONS, PayloadError, Reading, format_ts, parse_ts
+
+Decode = Callable[[bytes, dict[str, str], datetime], list[Reading]]
 
 NOW = datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)
 FIELDS = {"device_id": "press-01", "sensor_id": "temp"}
-
-# Every reason decode may raise; the others (unknown_topic, payload_too_large, ...) belong to
-# the validation agent and the persistence agent.
-DECODE_REASONS = frozenset(
-    {
-        codecs.MALFORMED_JSON,
-        codecs.NOT_UTF8,
-        codecs.MISSING_VALUE,
-        codecs.MISSING_FIELD,
-        codecs.BAD_TYPE,
-        codecs.BAD_VALUE,
-        codecs.BAD_TIMESTAMP,
-        codecs.TOPIC_MISMATCH,
-    }
-)
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
-def reject(payload: bytes, fmt: str = "json", fields: dict[str, str] | None = None) -> PayloadError:
+def reject(
+    payload: bytes, decode: Decode = decode_json, fields: dict[str, str] | None = None
+) -> PayloadError:
     with pytest.raises(PayloadError) as info:
-        decode(payload, fmt, FIELDS if fields is None else fields, NOW)
+        decode(payload, FIELDS if fields is None else fields, NOW)
     return info.value
 
 
-def one(payload: bytes, fmt: str = "json", fields: dict[str, str] | None = None) -> Reading:
-    readings = decode(payload, fmt, FIELDS if fields is None else fields, NOW)
+def one(
+    payload: bytes, decode: Decode = decode_json, fields: dict[str, str] | None = None
+) -> Reading:
+    readings = decode(payload, FIELDS if fields is None else fields, NOW)
     assert len(readings) == 1
     return readings[0]
 
@@ -134,26 +114,26 @@ def test_encode_json_round_trips() -> None:
     [b"{", b'{"value": 1,}', b"{value: 1}", b'{"value": 1} trailing', b"[1,", b"'x'", b"\x00"],
 )
 def test_malformed_json(payload: bytes) -> None:
-    assert reject(payload).reason == codecs.MALFORMED_JSON
+    assert reject(payload).reason == codes.MALFORMED_JSON
 
 
 @pytest.mark.parametrize("payload", [b"", b"   ", b"\r\n\t"])
 def test_empty_json_payload_is_missing_value(payload: bytes) -> None:
-    assert reject(payload).reason == codecs.MISSING_VALUE
+    assert reject(payload).reason == codes.MISSING_VALUE
 
 
 def test_deeply_nested_json_is_malformed_not_a_crash() -> None:
-    assert reject(b"[" * 100_000 + b"]" * 100_000).reason == codecs.MALFORMED_JSON
+    assert reject(b"[" * 100_000 + b"]" * 100_000).reason == codes.MALFORMED_JSON
 
 
 @pytest.mark.parametrize("payload", [b'{"value": 1, "unit": "\xff"}', b"\xc3\x28", b"\x80{}"])
 def test_not_utf8(payload: bytes) -> None:
-    assert reject(payload).reason == codecs.NOT_UTF8
+    assert reject(payload).reason == codes.NOT_UTF8
 
 
 @pytest.mark.parametrize("payload", [b"{}", b'{"ts": 1700000000}', b'{"Value": 1}'])
 def test_missing_value(payload: bytes) -> None:
-    assert reject(payload).reason == codecs.MISSING_VALUE
+    assert reject(payload).reason == codes.MISSING_VALUE
 
 
 @pytest.mark.parametrize(
@@ -163,22 +143,22 @@ def test_missing_value(payload: bytes) -> None:
 )  # fmt: skip
 def test_bad_type_value(literal: bytes, kind: str) -> None:
     error = reject(b'{"value": ' + literal + b"}")
-    assert error.reason == codecs.BAD_TYPE
+    assert error.reason == codes.BAD_TYPE
     assert kind in error.message
 
 
 @pytest.mark.parametrize("document", [b'"text"', b"1.5", b"null", b"true"])
 def test_bad_type_top_level(document: bytes) -> None:
-    assert reject(document).reason == codecs.BAD_TYPE
+    assert reject(document).reason == codes.BAD_TYPE
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"])
 def test_bad_value_non_finite(literal: bytes) -> None:
-    assert reject(b'{"value": ' + literal + b"}").reason == codecs.BAD_VALUE
+    assert reject(b'{"value": ' + literal + b"}").reason == codes.BAD_VALUE
 
 
 def test_bad_value_integer_too_large_for_a_float() -> None:
-    assert reject(b'{"value": 1' + b"0" * 400 + b"}").reason == codecs.BAD_VALUE
+    assert reject(b'{"value": 1' + b"0" * 400 + b"}").reason == codes.BAD_VALUE
 
 
 @pytest.mark.parametrize(
@@ -187,17 +167,17 @@ def test_bad_value_integer_too_large_for_a_float() -> None:
      b"-1", b"253402300800", b"1e400", b"NaN", b"true", b"false", b"null", b"[]", b"{}"],
 )  # fmt: skip
 def test_bad_timestamp(ts: bytes) -> None:
-    assert reject(b'{"value": 1, "ts": ' + ts + b"}").reason == codecs.BAD_TIMESTAMP
+    assert reject(b'{"value": 1, "ts": ' + ts + b"}").reason == codes.BAD_TIMESTAMP
 
 
 def test_bad_timestamp_iso_out_of_range_after_utc_conversion() -> None:
-    assert reject(b'{"value": 1, "ts": "0001-01-01T00:00:00+01:00"}').reason == codecs.BAD_TIMESTAMP
+    assert reject(b'{"value": 1, "ts": "0001-01-01T00:00:00+01:00"}').reason == codes.BAD_TIMESTAMP
 
 
 @pytest.mark.parametrize("key", ["device_id", "sensor_id"])
 def test_topic_mismatch(key: str) -> None:
     error = reject(orjson.dumps({"value": 1, key: "someone-else"}))
-    assert error.reason == codecs.TOPIC_MISMATCH
+    assert error.reason == codes.TOPIC_MISMATCH
     assert key in error.message
 
 
@@ -207,24 +187,24 @@ def test_body_id_that_agrees_with_topic_is_fine() -> None:
 
 def test_missing_field_when_neither_template_nor_body_has_sensor_id() -> None:
     error = reject(b'{"value": 1}', fields={"device_id": "d1"})
-    assert error.reason == codecs.MISSING_FIELD
+    assert error.reason == codes.MISSING_FIELD
     assert "sensor_id" in error.message
 
 
 def test_missing_field_value_format() -> None:
-    assert reject(b"1.0", "value", {"sensor_id": "s"}).reason == codecs.MISSING_FIELD
+    assert reject(b"1.0", decode_value, {"sensor_id": "s"}).reason == codes.MISSING_FIELD
 
 
 @pytest.mark.parametrize(
     ("body", "reason"),
-    [({"value": 1, "unit": 5}, codecs.BAD_TYPE), ({"value": 1, "unit": ""}, codecs.BAD_VALUE),
-     ({"value": 1, "unit": "x" * 65}, codecs.BAD_VALUE),
-     ({"value": 1, "unit": "a\x00"}, codecs.BAD_VALUE),
-     ({"value": 1, "quality": True}, codecs.BAD_TYPE),
-     ({"value": 1, "quality": 1.5}, codecs.BAD_TYPE),
-     ({"value": 1, "seq": "1"}, codecs.BAD_TYPE), ({"value": 1, "seq": 1.0}, codecs.BAD_TYPE),
-     ({"value": 1, "seq": True}, codecs.BAD_TYPE), ({"value": 1, "device_id": 7}, codecs.BAD_TYPE),
-     ({"value": 1, "sensor_id": "s" * 129}, codecs.BAD_VALUE)],
+    [({"value": 1, "unit": 5}, codes.BAD_TYPE), ({"value": 1, "unit": ""}, codes.BAD_VALUE),
+     ({"value": 1, "unit": "x" * 65}, codes.BAD_VALUE),
+     ({"value": 1, "unit": "a\x00"}, codes.BAD_VALUE),
+     ({"value": 1, "quality": True}, codes.BAD_TYPE),
+     ({"value": 1, "quality": 1.5}, codes.BAD_TYPE),
+     ({"value": 1, "seq": "1"}, codes.BAD_TYPE), ({"value": 1, "seq": 1.0}, codes.BAD_TYPE),
+     ({"value": 1, "seq": True}, codes.BAD_TYPE), ({"value": 1, "device_id": 7}, codes.BAD_TYPE),
+     ({"value": 1, "sensor_id": "s" * 129}, codes.BAD_VALUE)],
 )  # fmt: skip
 def test_bad_optional_fields(body: dict[str, object], reason: str) -> None:
     assert reject(json.dumps(body).encode()).reason == reason
@@ -232,7 +212,7 @@ def test_bad_optional_fields(body: dict[str, object], reason: str) -> None:
 
 def test_seq_must_fit_64_bits() -> None:
     assert one(b'{"value": 1, "seq": 9223372036854775807}').seq == 2**63 - 1
-    assert reject(b'{"value": 1, "seq": 9223372036854775808}').reason == codecs.BAD_TYPE
+    assert reject(b'{"value": 1, "seq": 9223372036854775808}').reason == codes.BAD_TYPE
     assert one(b'{"value": 1, "seq": -9223372036854775808}').seq == -(2**63)
 
 
@@ -242,17 +222,18 @@ def test_seq_must_fit_64_bits() -> None:
      {"device_id": "d", "sensor_id": "s", "site": "x" * 65}],
 )  # fmt: skip
 def test_topic_fields_too_long_or_with_nul(fields: dict[str, str]) -> None:
-    assert reject(b'{"value": 1}', fields=fields).reason == codecs.BAD_VALUE
+    assert reject(b'{"value": 1}', fields=fields).reason == codes.BAD_VALUE
 
 
 # ------------------------------------------------------------------------------- arrays
 
 
 def test_array_of_valid_objects_gives_one_reading_each() -> None:
-    readings = decode(
+    readings = decode_json(
         b'[{"value": 1, "ts": 1700000000}, {"value": 2, "ts": 1700000001}, {"value": 3}]',
-        "json", FIELDS, NOW,
-    )  # fmt: skip
+        FIELDS,
+        NOW,
+    )
     assert [r.value for r in readings] == [1.0, 2.0, 3.0]
     assert [r.ts for r in readings] == [
         datetime.fromtimestamp(1700000000, UTC), datetime.fromtimestamp(1700000001, UTC), NOW,
@@ -262,10 +243,10 @@ def test_array_of_valid_objects_gives_one_reading_each() -> None:
 
 @pytest.mark.parametrize(
     ("bad", "reason"),
-    [('{"value": "x"}', codecs.BAD_TYPE), ('{"ts": 1}', codecs.MISSING_VALUE),
-     ('{"value": 1, "ts": "never"}', codecs.BAD_TIMESTAMP), ('{"value": NaN}', codecs.BAD_VALUE),
-     ('{"value": 1, "device_id": "other"}', codecs.TOPIC_MISMATCH), ("5", codecs.BAD_TYPE),
-     ("[]", codecs.BAD_TYPE), ("null", codecs.BAD_TYPE)],
+    [('{"value": "x"}', codes.BAD_TYPE), ('{"ts": 1}', codes.MISSING_VALUE),
+     ('{"value": 1, "ts": "never"}', codes.BAD_TIMESTAMP), ('{"value": NaN}', codes.BAD_VALUE),
+     ('{"value": 1, "device_id": "other"}', codes.TOPIC_MISMATCH), ("5", codes.BAD_TYPE),
+     ("[]", codes.BAD_TYPE), ("null", codes.BAD_TYPE)],
 )  # fmt: skip
 def test_one_bad_element_rejects_the_whole_array_naming_its_index(bad: str, reason: str) -> None:
     payload = f'[{{"value": 1}}, {{"value": 2}}, {bad}, {{"value": 4}}]'.encode()
@@ -276,14 +257,30 @@ def test_one_bad_element_rejects_the_whole_array_naming_its_index(bad: str, reas
 
 def test_first_bad_element_of_several_is_reported() -> None:
     error = reject(b'[{"value": 1}, {"value": true}, {"ts": 1}]')
-    assert (error.reason, error.message[:4]) == (codecs.BAD_TYPE, "[1] ")
+    assert (error.reason, error.message[:4]) == (codes.BAD_TYPE, "[1] ")
 
 
 def test_empty_array_is_missing_value() -> None:
-    assert reject(b"[]").reason == codecs.MISSING_VALUE
+    assert reject(b"[]").reason == codes.MISSING_VALUE
 
 
-# ------------------------------------------------------------------------------- value format
+def test_an_array_with_two_readings_of_one_sensor_at_one_instant_is_refused() -> None:
+    # Without their own ts both would be stamped with the receive time: one would vanish.
+    error = reject(b'[{"value": 1}, {"value": 2}]')
+    assert error.reason == codes.BAD_TIMESTAMP
+    assert "[0] and [1]" in error.message
+
+
+def test_an_array_of_different_sensors_without_ts_is_fine() -> None:
+    readings = decode_json(
+        b'[{"value": 1, "sensor_id": "a"}, {"value": 2, "sensor_id": "b"}]',
+        {"device_id": "press-01"},
+        NOW,
+    )
+    assert [r.sensor_id for r in readings] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------- decode_value
 
 
 @pytest.mark.parametrize(
@@ -291,55 +288,33 @@ def test_empty_array_is_missing_value() -> None:
     [(b"21.5", 21.5), (b"-3", -3.0), (b" 7 \n", 7.0), (b"1e3", 1000.0), (b"-0", -0.0)],
 )
 def test_value_format(payload: bytes, value: float) -> None:
-    reading = one(payload, "value")
+    reading = one(payload, decode_value)
     assert reading.value == value
     assert (reading.device_id, reading.sensor_id, reading.ts) == ("press-01", "temp", NOW)
 
 
 def test_value_format_round_trips_encode_value() -> None:
-    assert one(encode_value(0.1), "value").value == 0.1
+    assert one(encode_value(0.1), decode_value).value == 0.1
 
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
-    [(b"", codecs.MISSING_VALUE), (b"  \t\n", codecs.MISSING_VALUE), (b"\xff\xfe", codecs.NOT_UTF8),
-     (b"abc", codecs.BAD_TYPE), (b"0x10", codecs.BAD_TYPE), (b'{"value": 1}', codecs.BAD_TYPE),
-     (b"1 2", codecs.BAD_TYPE), (b"true", codecs.BAD_TYPE), (b"nan", codecs.BAD_VALUE),
-     (b"NaN", codecs.BAD_VALUE), (b"inf", codecs.BAD_VALUE), (b"-Infinity", codecs.BAD_VALUE),
-     (b"1e400", codecs.BAD_VALUE)],
+    [(b"", codes.MISSING_VALUE), (b"  \t\n", codes.MISSING_VALUE), (b"\xff\xfe", codes.NOT_UTF8),
+     (b"abc", codes.BAD_TYPE), (b"0x10", codes.BAD_TYPE), (b'{"value": 1}', codes.BAD_TYPE),
+     (b"1 2", codes.BAD_TYPE), (b"true", codes.BAD_TYPE), (b"nan", codes.BAD_VALUE),
+     (b"NaN", codes.BAD_VALUE), (b"inf", codes.BAD_VALUE), (b"-Infinity", codes.BAD_VALUE),
+     (b"1e400", codes.BAD_VALUE)],
 )  # fmt: skip
 def test_value_format_rejections(payload: bytes, reason: str) -> None:
-    assert reject(payload, "value").reason == reason
+    assert reject(payload, decode_value).reason == reason
 
 
 @pytest.mark.parametrize("payload", ["1_000", "\uff11\uff12", "\u0661"])
 def test_value_format_rejects_python_only_number_syntax(payload: str) -> None:
-    assert reject(payload.encode(), "value").reason == codecs.BAD_TYPE
+    assert reject(payload.encode(), decode_value).reason == codes.BAD_TYPE
 
 
-# ------------------------------------------------------------------------------- timestamps
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [("2026-11-27T07:30:00Z", datetime(2026, 11, 27, 7, 30, tzinfo=UTC)),
-     ("2026-11-27T07:30:00.123456Z", datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)),
-     ("2026-11-27T09:30:00+02:00", datetime(2026, 11, 27, 7, 30, tzinfo=UTC)),
-     ("2026-11-27T02:00:00-05:30", datetime(2026, 11, 27, 7, 30, tzinfo=UTC)),
-     ("2026-11-27T07:30:00", datetime(2026, 11, 27, 7, 30, tzinfo=UTC)),
-     ("2026-11-27 07:30:00.5", datetime(2026, 11, 27, 7, 30, 0, 500000, tzinfo=UTC)),
-     ("2026-11-27t07:30:00z", datetime(2026, 11, 27, 7, 30, tzinfo=UTC)),
-     (" 2026-11-27T07:30:00Z\t", datetime(2026, 11, 27, 7, 30, tzinfo=UTC)),
-     (1700000000, datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
-     (1700000000.25, datetime(2023, 11, 14, 22, 13, 20, 250000, tzinfo=UTC)),
-     (0, datetime(1970, 1, 1, tzinfo=UTC)),
-     (253402300799, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))],
-)  # fmt: skip
-def test_parse_ts_forms(raw: object, expected: datetime) -> None:
-    ts = parse_ts(raw)
-    assert ts == expected
-    assert ts.utcoffset() == timedelta(0)
-    assert ts.tzinfo is UTC
+# ------------------------------------------------------------------------------- ts
 
 
 def test_ts_in_payload_is_used() -> None:
@@ -348,60 +323,41 @@ def test_ts_in_payload_is_used() -> None:
     )
 
 
-def test_format_ts() -> None:
-    assert format_ts(datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)) == (
-        "2026-11-27T07:30:00.123456Z"
-    )
-    assert format_ts(datetime(2026, 11, 27, 7, 30, tzinfo=UTC)) == "2026-11-27T07:30:00.000000Z"
-    plus_two = timezone(timedelta(hours=2))
-    assert (
-        format_ts(datetime(2026, 11, 27, 9, 30, tzinfo=plus_two)) == "2026-11-27T07:30:00.000000Z"
-    )
-
-
-@given(st.datetimes(min_value=datetime(1970, 1, 1), timezones=st.just(UTC)))
-@PROPERTY_SETTINGS
-def test_format_ts_round_trips_through_parse_ts(ts: datetime) -> None:
-    text = format_ts(ts)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text)
-    assert parse_ts(text) == ts
-
-
-def test_format_ts_pads_the_year() -> None:
-    assert format_ts(datetime(1, 1, 1, tzinfo=UTC)) == "0001-01-01T00:00:00.000000Z"
-
-
-def test_iso_timestamps_before_1970_are_rejected_like_epoch_seconds() -> None:
-    with pytest.raises(PayloadError) as caught:
-        parse_ts("0001-01-01T00:00:00")
-    assert caught.value.reason == codecs.BAD_TIMESTAMP
-
-
 @pytest.mark.parametrize("key", ["unit", "quality", "sensor_id"])
 def test_lone_surrogates_in_text_fields_are_rejected(key: str) -> None:
     fields = {"device_id": "press-01"} if key == "sensor_id" else FIELDS
     error = reject(b'{"value": 1, "' + key.encode() + b'": "\\ud800"}', fields=fields)
-    assert error.reason in {codecs.BAD_VALUE, codecs.NOT_UTF8, codecs.MALFORMED_JSON}
+    assert error.reason in {codes.BAD_VALUE, codes.NOT_UTF8, codes.MALFORMED_JSON}
+
+
+def test_has_own_ts_tells_a_payload_ts_from_the_receive_time() -> None:
+    assert not has_own_ts(one(b'{"value": 1}'), NOW)
+    # Equal to the receive time, but the payload's own: it still counts as given.
+    same_instant = orjson.dumps({"value": 1, "ts": format_ts(NOW)})
+    reading = one(same_instant)
+    assert reading.ts == NOW
+    assert has_own_ts(reading, NOW)
+    assert not has_own_ts(one(b"1.5", decode_value), NOW)
 
 
 # ------------------------------------------------------------------------------- properties
 
 
 def outcome(
-    payload: bytes, fmt: str, fields: dict[str, str], now: datetime
+    payload: bytes, decode: Decode, fields: dict[str, str], now: datetime
 ) -> list[Reading] | PayloadError:
-    """What decode returns, or the PayloadError it raises (anything else propagates)."""
+    """What a decoder returns, or the PayloadError it raises (anything else propagates)."""
     try:
-        return decode(payload, fmt, fields, now)
+        return decode(payload, fields, now)
     except PayloadError as exc:
         return exc
 
 
-def check_outcome(payload: bytes, fmt: str, fields: dict[str, str], now: datetime) -> None:
-    """The decode contract: readings with finite floats, or PayloadError with a known reason."""
-    readings = outcome(payload, fmt, fields, now)
+def check_outcome(payload: bytes, decode: Decode, fields: dict[str, str], now: datetime) -> None:
+    """The decoder contract: readings with finite floats, or PayloadError with a known reason."""
+    readings = outcome(payload, decode, fields, now)
     if isinstance(readings, PayloadError):
-        assert readings.reason in DECODE_REASONS, readings.reason
+        assert readings.reason in DECODER_REASONS, readings.reason
         assert isinstance(readings.message, str)
         assert readings.message
         return
@@ -426,7 +382,7 @@ def check_outcome(payload: bytes, fmt: str, fields: dict[str, str], now: datetim
 
 field_text = st.one_of(
     st.text(
-        st.characters(blacklist_characters="/+#", blacklist_categories=("Cs",)),
+        st.characters(blacklist_characters="/+#", blacklist_categories=["Cs"]),
         min_size=1,
         max_size=12,
     ),
@@ -439,15 +395,15 @@ topic_fields = st.fixed_dictionaries(
     },
 )  # fmt: skip
 aware_now = st.datetimes(timezones=st.just(UTC))
-formats = st.sampled_from(["json", "value"])
+decoders = st.sampled_from([decode_json, decode_value])
 
 
-@given(st.binary(max_size=200), formats, topic_fields, aware_now)
+@given(st.binary(max_size=200), decoders, topic_fields, aware_now)
 @PROPERTY_SETTINGS
 def test_decode_arbitrary_bytes(
-    payload: bytes, fmt: str, fields: dict[str, str], now: datetime
+    payload: bytes, decode: Decode, fields: dict[str, str], now: datetime
 ) -> None:
-    check_outcome(payload, fmt, fields, now)
+    check_outcome(payload, decode, fields, now)
 
 
 json_scalars = st.one_of(
@@ -490,13 +446,13 @@ documents = st.one_of(
 )
 
 
-@given(documents, formats, topic_fields, aware_now)
+@given(documents, decoders, topic_fields, aware_now)
 @PROPERTY_SETTINGS
 def test_decode_arbitrary_json_documents(
-    document: object, fmt: str, fields: dict[str, str], now: datetime
+    document: object, decode: Decode, fields: dict[str, str], now: datetime
 ) -> None:
     payload = json.dumps(document).encode()  # ASCII: \uXXXX escapes, NaN/Infinity literals
-    check_outcome(payload, fmt, fields, now)
+    check_outcome(payload, decode, fields, now)
 
 
 numeric_objects = st.builds(
@@ -510,9 +466,9 @@ numeric_objects = st.builds(
 @PROPERTY_SETTINGS
 def test_valid_objects_decode_with_their_value(body: dict[str, object], now: datetime) -> None:
     value = body["value"]
-    readings = outcome(json.dumps(body).encode(), "json", dict(FIELDS), now)
+    readings = outcome(json.dumps(body).encode(), decode_json, dict(FIELDS), now)
     if isinstance(readings, PayloadError):
-        assert readings.reason in DECODE_REASONS
+        assert readings.reason in DECODER_REASONS
         return
     assert len(readings) == 1
     assert readings[0].value == float(value)  # type: ignore[arg-type]
@@ -521,11 +477,11 @@ def test_valid_objects_decode_with_their_value(body: dict[str, object], now: dat
 @given(st.text(max_size=40), topic_fields, aware_now)
 @PROPERTY_SETTINGS
 def test_decode_arbitrary_text_as_value(text: str, fields: dict[str, str], now: datetime) -> None:
-    check_outcome(text.encode("utf-8", "surrogatepass"), "value", fields, now)
+    check_outcome(text.encode("utf-8", "surrogatepass"), decode_value, fields, now)
 
 
 safe_text = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
     min_size=1,
     max_size=64,
 )
@@ -556,7 +512,7 @@ def test_valid_readings_are_never_rejected(
     instants = [parse_ts(body["ts"]) if "ts" in body else now for body in bodies]
     assume(len(set(instants)) == len(instants))
     document: object = bodies if as_array or len(bodies) > 1 else bodies[0]
-    readings = decode(orjson.dumps(document), "json", FIELDS, now)
+    readings = decode_json(orjson.dumps(document), FIELDS, now)
     assert len(readings) == len(bodies)
     for reading, body in zip(readings, bodies, strict=True):
         assert reading.value == float(body["value"])  # type: ignore[arg-type]
@@ -573,138 +529,5 @@ def test_valid_readings_are_never_rejected(
 @given(st.floats(allow_nan=False, allow_infinity=False), aware_now)
 @PROPERTY_SETTINGS
 def test_finite_floats_round_trip_in_both_formats(value: float, now: datetime) -> None:
-    assert decode(encode_value(value), "value", FIELDS, now)[0].value == value
-    assert decode(encode_json(value), "json", FIELDS, now)[0].value == value
-
-
-# ------------------------------------------------------------------------------- topics
-
-
-def test_template_parse_and_match() -> None:
-    template = TopicTemplate.parse("sensors/{device_id}/{sensor_id}", "sensors/+/+")
-    assert template.match("sensors/d1/s1") == {"device_id": "d1", "sensor_id": "s1"}
-    assert template.match("sensors/d1") is None
-    assert template.match("sensors/d1/s1/extra") is None
-    assert template.match("other/d1/s1") is None
-    assert template.match("sensors//s1") is None
-
-
-def test_template_with_any_literals_and_open_end() -> None:
-    template = TopicTemplate.parse("plant/{site}/+/{device_id}/{sensor_id}/#", "plant/+/+/+/+/#")
-    assert template.open_ended
-    assert template.match("plant/berlin/x/d1/s1") == {
-        "site": "berlin", "device_id": "d1", "sensor_id": "s1",
-    }  # fmt: skip
-    assert template.match("plant/berlin/x/d1/s1/raw/more") == {
-        "site": "berlin", "device_id": "d1", "sensor_id": "s1",
-    }  # fmt: skip
-    assert template.match("plant/berlin/x/d1") is None
-    # '+' in the template ignores the level but it must still be present (may be empty).
-    assert template.match("plant/berlin//d1/s1") == {
-        "site": "berlin", "device_id": "d1", "sensor_id": "s1",
-    }  # fmt: skip
-
-
-def test_template_filter_may_fix_levels_the_template_names() -> None:
-    template = TopicTemplate.parse("sensors/{device_id}/{sensor_id}", "sensors/press-01/+")
-    assert template.match("sensors/press-01/t") == {"device_id": "press-01", "sensor_id": "t"}
-
-
-@pytest.mark.parametrize(
-    ("template", "topic_filter", "message"),
-    [("sensors/{device}/{sensor_id}", None, "not one of"),
-     ("sensors/{device_id}/{device_id}", None, "twice"),
-     ("sensors/a+b/{sensor_id}", None, "neither a literal"),
-     ("sensors/#/{sensor_id}", None, "neither a literal"),
-     ("sensors/{device_id/{sensor_id}", None, "neither a literal"),
-     ("sensors/x}/{sensor_id}", None, "neither a literal"),
-     ("sensors/{device_id}/{sensor_id}", "sensors/+", "levels"),
-     ("sensors/{device_id}/{sensor_id}", "sensors/+/+/+", "levels"),
-     ("sensors/{device_id}/{sensor_id}", "sensors/#", "needs a template ending in '#'"),
-     ("sensors/{device_id}/{sensor_id}", "other/+/+", "does not match filter level"),
-     ("sensors/{device_id}/{sensor_id}", "sensors/+/a#", "not a valid MQTT filter"),
-     ("sensors/{device_id}/{sensor_id}", "sensors/x+/+", "not a valid MQTT filter"),
-     ("sensors/{device_id}/{sensor_id}", "", "not a valid MQTT filter"),
-     ("sensors/{device_id}/#", "sensors/#/+", "must be the last level")],
-)  # fmt: skip
-def test_template_parse_errors(template: str, topic_filter: str | None, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
-        TopicTemplate.parse(template, topic_filter)
-
-
-@pytest.mark.parametrize("name", sorted(TEMPLATE_FIELDS))
-def test_every_template_field_is_accepted(name: str) -> None:
-    assert TopicTemplate.parse(f"x/{{{name}}}").match("x/v") == {name: "v"}
-
-
-topic_levels = st.one_of(
-    st.sampled_from(["sensors", "values", "plant", "d1", "s1", "", "+", "#", "$SYS", "x"]),
-    st.text(max_size=6),
-)
-topics = st.lists(topic_levels, min_size=0, max_size=7).map("/".join) | st.text(max_size=30)
-
-
-@given(topics)
-@PROPERTY_SETTINGS
-def test_template_match_rebuilds_the_topic(topic: str) -> None:
-    template = TopicTemplate.parse("sensors/{device_id}/+/{sensor_id}")
-    fields = template.match(topic)
-    if fields is None:
-        return
-    levels = topic.split("/")
-    assert levels[0] == "sensors"
-    assert fields == {"device_id": levels[1], "sensor_id": levels[3]}
-    assert all(fields.values())
-    assert len(levels) == 4
-
-
-ROUTER_SOURCES = (
-    SourceConfig(),
-    SourceConfig(topic="values/+/+", format="value", template="values/{device_id}/{sensor_id}"),
-    SourceConfig(topic="plant/+/+/#", template="plant/{site}/{device_id}/#"),
-)
-
-
-def test_router_first_match_wins_and_unknown_is_none() -> None:
-    router = TopicRouter(
-        (*ROUTER_SOURCES, SourceConfig(topic="sensors/#", template="sensors/{device_id}/#"))
-    )
-    assert router.route("sensors/d1/s1") == ("json", {"device_id": "d1", "sensor_id": "s1"})
-    assert router.route("sensors/d1/s1/x") == ("json", {"device_id": "d1"})
-    assert router.route("values/d1/s1") == ("value", {"device_id": "d1", "sensor_id": "s1"})
-    assert router.route("plant/b/d/s") == ("json", {"site": "b", "device_id": "d"})
-    assert router.route("nowhere/d1/s1") is None
-    assert router.route("sensors//s1") is None  # an empty level never fills a field
-
-
-@given(topics)
-@PROPERTY_SETTINGS
-def test_router_never_raises_on_arbitrary_topics(topic: str) -> None:
-    router = TopicRouter(ROUTER_SOURCES)
-    found = router.route(topic)
-    assert router.route(topic) == found  # cached answer is the same
-    if found is None:
-        return
-    fmt, fields = found
-    assert fmt in {"json", "value"}
-    assert any(topic_matches_sub(source.topic, topic) for source in ROUTER_SOURCES)
-    for value in fields.values():
-        assert value
-        assert "/" not in value
-
-
-def test_an_array_with_two_readings_of_one_sensor_at_one_instant_is_refused() -> None:
-    # Without their own ts both would be stamped with the receive time: one would vanish.
-    error = reject(b'[{"value": 1}, {"value": 2}]')
-    assert error.reason == codecs.BAD_TIMESTAMP
-    assert "[0] and [1]" in error.message
-
-
-def test_an_array_of_different_sensors_without_ts_is_fine() -> None:
-    readings = decode(
-        b'[{"value": 1, "sensor_id": "a"}, {"value": 2, "sensor_id": "b"}]',
-        "json",
-        {"device_id": "press-01"},
-        NOW,
-    )
-    assert [r.sensor_id for r in readings] == ["a", "b"]
+    assert decode_value(encode_value(value), FIELDS, now)[0].value == value
+    assert decode_json(encode_json(value), FIELDS, now)[0].value == value

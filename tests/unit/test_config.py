@@ -6,12 +6,24 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
 
+from agents.decoding import DECODERS
 from daemon import config as config_module
-from daemon.config import MASK, Config, ConfigError, load_config, mask_url, masked
+from daemon.config import (
+    MASK,
+    Config,
+    ConfigError,
+    Format,
+    SourceConfig,
+    load_config,
+    mask_url,
+    masked,
+)
+from edge.errors import IngestdError
 
 
 @pytest.fixture(autouse=True)
@@ -255,6 +267,26 @@ def test_invalid_values_name_the_key(
     message = config_error()
     assert message.startswith("invalid configuration")
     assert f"  {key}" in message
+
+
+def test_config_error_is_an_ingestd_error() -> None:
+    with pytest.raises(IngestdError):
+        load_config(mqtt={"url": "http://nope"})
+
+
+def test_every_source_format_has_a_decoder() -> None:
+    assert set(get_args(Format)) == set(DECODERS)
+
+
+def test_source_parsed_template_reads_the_topic() -> None:
+    source = SourceConfig(topic="plant/+/+/#", template="plant/{site}/{device_id}/#")
+    assert source.parsed_template.match("plant/berlin/d1/x/y") == {
+        "site": "berlin",
+        "device_id": "d1",
+    }
+    assert SourceConfig().parsed_template.match("sensors/d1/s1") == {
+        "device_id": "d1", "sensor_id": "s1",
+    }  # fmt: skip
 
 
 def test_invalid_value_in_file_names_key_and_file(tmp_path: Path) -> None:

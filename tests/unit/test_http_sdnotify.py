@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from harness.servers import unique_name
 from prometheus_client import CollectorRegistry
 
 from daemon.http import HealthServer
-from daemon.metrics import Metrics
+from daemon.metrics import Metrics, ReadinessCollector
 from daemon.sdnotify import Notifier, watchdog_interval
+from tests.harness.servers import unique_name
 
 
 class Readiness:
@@ -28,13 +28,15 @@ class Readiness:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
+def readiness() -> Readiness:
+    return Readiness()
 
 
 @pytest.fixture
-def readiness() -> Readiness:
-    return Readiness()
+def metrics(readiness: Readiness) -> Metrics:
+    metrics = Metrics(CollectorRegistry(), "1.2.3")
+    metrics.registry.register(ReadinessCollector(readiness))  # as the daemon is wired
+    return metrics
 
 
 @pytest_asyncio.fixture
@@ -72,8 +74,8 @@ async def test_port_zero_binds_a_free_port(server: HealthServer) -> None:
 
 
 async def test_metrics_text_format(server: HealthServer, metrics: Metrics) -> None:
-    metrics.received = 42
-    metrics.rejected.labels("bad_type").inc(3)
+    metrics.intake.received = 42
+    metrics.pipeline.rejected.labels("bad_type").inc(3)
     status, headers, body = await get(server.port, "/metrics")
     assert status == 200
     assert headers["content-type"].startswith("text/plain")
@@ -83,11 +85,12 @@ async def test_metrics_text_format(server: HealthServer, metrics: Metrics) -> No
     assert "ingestd_messages_received_total 42.0" in text
     assert 'ingestd_messages_rejected_total{reason="bad_type"} 3.0' in text
     assert "# TYPE ingestd_readings_stored_total counter" in text
+    assert 'ingestd_build_info{version="1.2.3"} 1.0' in text
     assert "# EOF" not in text
 
 
 async def test_metrics_openmetrics_when_accepted(server: HealthServer, metrics: Metrics) -> None:
-    metrics.stored = 5
+    metrics.pipeline.stored = 5
     status, headers, body = await get(
         server.port, "/metrics?x=1",
         accept="application/openmetrics-text; version=1.0.0; charset=utf-8,text/plain;q=0.5",
@@ -117,6 +120,15 @@ async def test_readyz_follows_the_readiness_callback(
     readiness.reason = "database unavailable"
     status, _, body = await get(server.port, "/readyz")
     assert (status, body) == (503, b"not ready: database unavailable\n")
+
+
+async def test_ready_metric_agrees_with_readyz(server: HealthServer, readiness: Readiness) -> None:
+    for reason in ("broker not connected", None, "database unavailable"):
+        readiness.reason = reason
+        status, _, _ = await get(server.port, "/readyz")
+        _, _, body = await get(server.port, "/metrics")
+        ready = 1.0 if reason is None else 0.0
+        assert (status == 200, f"ingestd_ready {ready}" in body.decode()) == (reason is None, True)
 
 
 @pytest.mark.parametrize("path", ["/", "/metricsx", "/healthz/", "/nope"])

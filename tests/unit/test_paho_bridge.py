@@ -8,11 +8,12 @@ import threading
 import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
-from harness.servers import Mosquitto, wait_until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.paho_bridge import PahoBridge, _BufferedSocket, _publish_qos0, _remaining_length
+from daemon.mqtt_packets import decode_publish, encode_publish_qos0, remaining_length
+from daemon.paho_bridge import PahoBridge, _BufferedSocket
+from tests.harness.servers import Mosquitto, wait_until
 
 
 class FakeSocket:
@@ -58,7 +59,7 @@ def test_buffered_socket_raises_when_nothing_is_readable() -> None:
     ],
 )
 def test_remaining_length_is_mqtt_varint(length: int, encoded: bytes) -> None:
-    assert _remaining_length(length) == encoded
+    assert remaining_length(length) == encoded
 
 
 def publish_packet(
@@ -79,7 +80,7 @@ def publish_packet(
         body += properties
     body += payload
     header = 0x30 | (dup << 3) | (qos << 1) | retain
-    return bytes((header,)) + _remaining_length(len(body)) + body
+    return bytes((header,)) + remaining_length(len(body)) + body
 
 
 @pytest.mark.parametrize("v5", [False, True])
@@ -132,9 +133,17 @@ def test_take_publish_leaves_everything_else_to_paho(packet: bytes, v5: bool) ->
     assert sock.buffered() == len(packet)  # nothing consumed
 
 
+def test_decode_publish_starts_at_the_given_position_and_says_where_it_ended() -> None:
+    first, second = publish_packet(b"a/b", b"1", mid=1), publish_packet(b"a/c", b"22", qos=0)
+    buf = first + second
+    assert decode_publish(buf, 0, False) == (len(first), (b"a/b", b"1", 1, 1, False, False))
+    assert decode_publish(buf, len(first), False) == (len(buf), (b"a/c", b"22", 0, 0, False, False))
+    assert decode_publish(buf, len(buf), False) is None
+
+
 def test_qos0_publish_packet_layout() -> None:
-    assert _publish_qos0("a/b", b"hi", False, False) == b"\x30\x07\x00\x03a/bhi"
-    assert _publish_qos0("a/b", b"hi", True, True) == b"\x31\x08\x00\x03a/b\x00hi"
+    assert encode_publish_qos0("a/b", b"hi", False, False) == b"\x30\x07\x00\x03a/bhi"
+    assert encode_publish_qos0("a/b", b"hi", True, True) == b"\x31\x08\x00\x03a/b\x00hi"
 
 
 class Subscriber:

@@ -1,16 +1,18 @@
-"""The store-and-forward spool, the PersistenceAgent's use of it, and the drainer."""
+"""db.spool: the store-and-forward spool; and Storage, PersistenceAgent and SpoolDrainer on it."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
+import orjson
 import pytest
-from harness.servers import wait_until_async
 from prometheus_client import CollectorRegistry
 
 from agents.bus import Bus
@@ -22,44 +24,33 @@ from agents.events import (
     RejectedMessage,
     RejectionsStored,
 )
+from agents.metrics import PipelineMetrics
 from agents.persistence import PersistenceAgent
-from daemon.metrics import Metrics
+from agents.storage import Storage
+from db.rows import ReadingRow, RejectionRow
 from db.spool import Spool, SpoolFull, read_stats
-from db.writer import Row, StorageError, WriteResult, reading_row
-from edge.codecs import Reading
+from tests.harness.servers import wait_until_async
+from tests.unit.fakes import FakeWriter
 
 NOW = datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)
 
 
-def row(i: int) -> Row:
+def row(i: int) -> ReadingRow:
     ts = NOW + timedelta(microseconds=i)
-    return (
-        "dev",
-        "temp",
-        ts,
-        float(i),
-        "degC",
-        "good",
-        i,
-        None,
-        "a",
-        None,
-        None,
-        None,
-        NOW,
-        f"c{i}",
+    return ReadingRow(
+        "dev", "temp", ts, float(i), "degC", "good", i, None, "a", None, None, None, NOW, f"c{i}"
     )
 
 
-def rejection(i: int, dup: bool = False) -> tuple[Row, bool]:
-    return (
-        (NOW, "sensors/dev/temp", b"\xff bad", "ab" * 32, 5, "not_utf8", "bad", "dev", f"r{i}"),
-        dup,
-    )
+def rejection(i: int, *, redelivered: bool = False) -> RejectionRow:
+    return RejectionRow(
+        NOW, "sensors/dev/temp", b"\xff bad", "ab" * 32, 5, "not_utf8", "bad", "dev", f"r{i}",
+        redelivered,
+    )  # fmt: skip
 
 
 @pytest.fixture
-async def spool(tmp_path: Path) -> Any:
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
     spool = Spool(tmp_path / "spool.db", max_bytes=4096)
     await spool.open()
     yield spool
@@ -67,21 +58,81 @@ async def spool(tmp_path: Path) -> Any:
 
 
 async def test_batches_come_back_oldest_first_and_intact(spool: Spool) -> None:
-    await spool.put([row(1), row(2)], [rejection(1, dup=True)])
+    await spool.put([row(1), row(2)], [rejection(1, redelivered=True)])
     await spool.put([row(3)], [])
     await spool.put([row(4)], [])
     assert (spool.stats.readings, spool.stats.rejections, spool.stats.batches) == (4, 1, 3)
     first = await spool.oldest(max_readings=3)  # small batches are replayed together
     assert first is not None
-    assert first.reading_rows == [row(1), row(2), row(3)]
-    assert first.rejection_rows == [rejection(1, dup=True)]
+    assert first.readings == [row(1), row(2), row(3)]
+    assert first.rejections == [rejection(1, redelivered=True)]
+    assert all(type(r) is ReadingRow for r in first.readings)
+    assert type(first.rejections[0]) is RejectionRow
+    assert first.rejections[0].redelivered is True
     await spool.delete(first.ids)
     second = await spool.oldest(max_readings=3)
     assert second is not None
-    assert second.reading_rows == [row(4)]
+    assert second.readings == [row(4)]
+    assert second.rejections == []
     await spool.delete(second.ids)
     assert await spool.oldest() is None
     assert (spool.stats.readings, spool.stats.bytes, spool.stats.oldest_created_at) == (0, 0, None)
+
+
+async def test_rows_keep_every_column_through_the_spool(spool: Spool) -> None:
+    offset = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
+    full = ReadingRow(
+        "d\u00e9v", "s/1", offset, -0.1, None, None, -(2**63), "berlin", "hall", "L1", "press",
+        "pt100", NOW + timedelta(days=1, microseconds=7), "corr",
+    )  # fmt: skip
+    binary = RejectionRow(
+        NOW, "x/y", bytes(range(256)), "cd" * 32, 256, "bad_type", "e\u00e9", None, "j1"
+    )
+    await spool.put([full], [binary])
+    batch = await spool.oldest()
+    assert batch is not None
+    assert batch.readings == [full]
+    assert batch.rejections == [binary]
+    assert batch.rejections[0].redelivered is False
+    assert batch.readings[0].ts.tzinfo is UTC
+
+
+async def test_the_on_disk_encoding_of_earlier_versions_still_reads(tmp_path: Path) -> None:
+    """A spool left behind by the release before the row NamedTuples replays unchanged."""
+    path = tmp_path / "spool.db"
+    first = Spool(path, 1 << 20)
+    await first.open()  # creates the schema
+    await first.close()
+    ts_us = 1_795_000_000_123_456
+    body = orjson.dumps({
+        "r": [["dev", "temp", ts_us, 1.5, "degC", "good", 7, None, "a", None, None, None,
+               ts_us, "c1"]],
+        "j": [[ts_us, "sensors/dev/temp", base64.b64encode(b"\xff").decode(), "ab" * 32, 1,
+               "not_utf8", "bad", "dev", "r1", True]],
+    })  # fmt: skip
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO batches (created_at, readings, rejections, bytes, body)"
+            " VALUES (?, 1, 1, ?, ?)",
+            (time.time(), len(body), body),
+        )
+    again = Spool(path, 1 << 20)
+    await again.open()
+    try:
+        batch = await again.oldest()
+        assert batch is not None
+        at = datetime(2026, 11, 18, 11, 6, 40, 123456, tzinfo=UTC)
+        assert at - datetime(1970, 1, 1, tzinfo=UTC) == timedelta(microseconds=ts_us)
+        assert batch.readings == [
+            ReadingRow("dev", "temp", at, 1.5, "degC", "good", 7, None, "a", None, None, None,
+                       at, "c1"),
+        ]  # fmt: skip
+        assert batch.rejections == [
+            RejectionRow(at, "sensors/dev/temp", b"\xff", "ab" * 32, 1, "not_utf8", "bad", "dev",
+                         "r1", redelivered=True),
+        ]  # fmt: skip
+    finally:
+        await again.close()
 
 
 async def test_a_full_spool_refuses_and_keeps_what_it_has(spool: Spool) -> None:
@@ -121,8 +172,13 @@ async def test_the_spool_survives_a_reopen(tmp_path: Path) -> None:
     assert again.stats.oldest_age(time.time() + 5) >= 5
     batch = await again.oldest()
     assert batch is not None
-    assert batch.reading_rows == [row(1)]
+    assert batch.readings == [row(1)]
+    assert batch.rejections == [rejection(1)]
     await again.close()
+
+
+def test_read_stats_of_a_missing_file_is_empty(tmp_path: Path) -> None:
+    assert read_stats(tmp_path / "none.db").batches == 0
 
 
 async def test_a_corrupt_file_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:
@@ -143,58 +199,18 @@ async def test_an_unreadable_record_is_quarantined_not_blocking(tmp_path: Path) 
     await spool.open()
     await spool.put([row(1)], [])
     await spool.put([row(2)], [])
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE batches SET body = x'00ff' WHERE id = (SELECT min(id) FROM batches)")
     batch = await spool.oldest()
     assert batch is not None
-    assert batch.reading_rows == [row(2)]
+    assert batch.readings == [row(2)]
     assert spool.corrupt_files == 1
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 1
     await spool.close()
 
 
-# ------------------------------------------------------------------ persistence with a spool
-
-
-class OutageWriter:
-    """A PostgreSQL stand-in that can be switched off; keeps rows by their unique key."""
-
-    def __init__(self) -> None:
-        self.up = False
-        self.keys: set[tuple[object, ...]] = set()
-        self.rejections = 0
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def ping(self) -> None:
-        if not self.up:
-            raise StorageError("refused")
-
-    async def write(
-        self, readings: list[tuple[Reading, RawMessage]], rejections: list[RejectedMessage]
-    ) -> WriteResult:
-        return await self.write_rows(
-            [reading_row(r, m) for r, m in readings], [((), False)] * len(rejections)
-        )
-
-    async def write_rows(
-        self,
-        reading_rows: list[Row],
-        rejection_rows: list[tuple[Row, bool]],
-        *,
-        replay: bool = False,
-    ) -> WriteResult:
-        await self.ping()
-        new = []
-        for r in reading_rows:
-            key = (r[0], r[1], r[2])
-            new.append(key not in self.keys)
-            self.keys.add(key)
-        self.rejections += len(rejection_rows)
-        return WriteResult(new, len(rejection_rows))
+# ------------------------------------------------------------------ the spool in the pipeline
 
 
 def message(seq: int) -> RawMessage:
@@ -202,82 +218,100 @@ def message(seq: int) -> RawMessage:
 
 
 def enriched(seq: int) -> EnrichedMessage:
-    reading = Reading("dev", "temp", NOW + timedelta(microseconds=seq), float(seq), quality="good")
-    return EnrichedMessage(message(seq), [reading])
+    return EnrichedMessage(message(seq), [row(seq)])
 
 
-async def test_an_outage_spools_and_acks_then_the_drainer_replays(tmp_path: Path) -> None:
-    metrics = Metrics(CollectorRegistry())
-    bus = Bus(metrics)
-    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
-    events = bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
-    spool = Spool(tmp_path / "spool.db", 1 << 20)
-    await spool.open()
-    writer = OutageWriter()
-    settled: list[int] = []
-    agent = PersistenceAgent(bus, metrics, inbox, writer, settled.extend, 100, spool=spool)  # type: ignore[arg-type]
-    drainer = SpoolDrainer(spool, writer, agent, bus, metrics, retry_max_seconds=0.05)  # type: ignore[arg-type]
+class Pipeline:
+    """A PersistenceAgent and a SpoolDrainer sharing one Storage over a spool."""
 
-    await agent.handle([enriched(0), enriched(1), RejectedMessage(message(2), "bad_type", "no")])
-    assert settled == [0, 1, 2]  # durable in the spool: acknowledged
-    assert spool.stats.readings == 2
-    assert metrics.registry.get_sample_value("ingestd_database_up") == 0
-    failed = events.get_nowait()
+    def __init__(self, tmp_path: Path, max_bytes: int) -> None:
+        self.metrics = PipelineMetrics(CollectorRegistry())
+        self.bus = Bus(self.metrics)
+        self.inbox = self.bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+        self.events = self.bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+        self.spool = Spool(tmp_path / "spool.db", max_bytes)
+        self.writer = FakeWriter()
+        self.writer.up = False
+        self.storage = Storage(self.writer, self.spool, self.metrics)
+        self.settled: list[int] = []
+        self.agent = PersistenceAgent(
+            self.bus, self.metrics, self.inbox, self.storage, self.settled.extend, 100,
+            retry_max_seconds=0.05,
+        )  # fmt: skip
+        self.drainer = SpoolDrainer(
+            self.spool, self.storage, self.bus, self.metrics, retry_max_seconds=0.05
+        )
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+async def pipeline(tmp_path: Path) -> AsyncIterator[Pipeline]:
+    made = Pipeline(tmp_path, 1 << 20)
+    await made.storage.start()  # the database is down: not an error at start
+    try:
+        yield made
+    finally:
+        await made.storage.close(grace_seconds=1)
+
+
+async def test_an_outage_spools_and_acks_then_the_drainer_replays(pipeline: Pipeline) -> None:
+    p = pipeline
+    assert not p.storage.database_up
+    assert p.storage.not_ready_reason() is None  # spooling: still ready
+    await p.agent.handle([enriched(0), enriched(1), RejectedMessage(message(2), "bad_type", "no")])
+    assert p.settled == [0, 1, 2]  # durable in the spool: acknowledged
+    assert p.spool.stats.readings == 2
+    assert p.spool.stats.rejections == 1
+    assert p.sample("ingestd_database_up") == 0
+    failed = p.events.get_nowait()
     assert isinstance(failed, RejectionsStored)  # the dead letter is durable: announced now
+    assert p.events.empty()  # spooled readings are announced when replayed, not before
 
-    task = asyncio.create_task(drainer.run())
-    writer.up = True
-    await wait_until_async(lambda: spool.stats.batches == 0, 10)
-    assert agent.database_up
-    assert len(writer.keys) == 2
-    assert writer.rejections == 1
-    assert metrics.stored == 2
-    assert metrics.registry.get_sample_value("ingestd_spool_replayed_total") == 2
-    stored = events.get_nowait()
-    assert isinstance(stored, ReadingsStored)
-    assert len(stored.readings) == 2
+    task = asyncio.create_task(p.drainer.run())
+    try:
+        p.writer.up = True
+        await wait_until_async(lambda: p.spool.stats.batches == 0, 10)
+        assert p.storage.database_up
+        assert len(p.writer.keys) == 2
+        assert [r.correlation_id for r in p.writer.rejections] == ["c2"]
+        assert True in p.writer.replays  # replayed with replay=True: may be stored already
+        assert p.metrics.stored == 2
+        assert p.sample("ingestd_spool_replayed_total") == 2
+        stored = p.events.get_nowait()
+        assert isinstance(stored, ReadingsStored)
+        assert stored.rows == [row(0), row(1)]
 
-    await agent.handle([enriched(3)])  # the database is back: written directly
-    assert settled[-1] == 3
-    assert spool.stats.batches == 0
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await spool.close()
+        await p.agent.handle([enriched(3)])  # the database is back: written directly
+        assert p.settled[-1] == 3
+        assert p.spool.stats.batches == 0
+        assert (NOW + timedelta(microseconds=3)) in {key[2] for key in p.writer.keys}
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 async def test_a_full_spool_withholds_acks_until_there_is_room(tmp_path: Path) -> None:
-    metrics = Metrics(CollectorRegistry())
-    bus = Bus(metrics)
-    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
-    bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
-    spool = Spool(tmp_path / "spool.db", 600)
-    await spool.open()
-    writer = OutageWriter()
-    settled: list[int] = []
-    agent = PersistenceAgent(
-        bus,
-        metrics,
-        inbox,
-        writer,
-        settled.extend,
-        100,
-        spool=spool,
-        retry_max_seconds=0.05,  # type: ignore[arg-type]
-    )
-    for seq in range(50):  # fill the spool while the database is away
-        if spool.stats.bytes > 400:
-            break
-        await agent.handle([enriched(seq)])
-    blocked = asyncio.create_task(agent.handle([enriched(100 + i) for i in range(20)]))
-    await wait_until_async(lambda: agent.spool_full, 5)
-    assert metrics.registry.get_sample_value("ingestd_spool_full") == 1
-    acked_while_full = list(settled)
-    assert 100 not in acked_while_full
-    writer.up = True
-    agent.mark_up()  # as the drainer does once the database answers
-    async with asyncio.timeout(5):
-        await blocked
-    assert settled[-20:] == [100 + i for i in range(20)]
-    assert not agent.spool_full
-    await spool.close()
+    p = Pipeline(tmp_path, 600)
+    await p.storage.start()
+    try:
+        for seq in range(50):  # fill the spool while the database is away
+            if p.spool.stats.bytes > 400:
+                break
+            await p.agent.handle([enriched(seq)])
+        blocked = asyncio.create_task(p.agent.handle([enriched(100 + i) for i in range(20)]))
+        await wait_until_async(lambda: p.storage.spool_full, 5)
+        assert p.sample("ingestd_spool_full") == 1
+        assert p.storage.not_ready_reason() == "database unavailable and the spool is full"
+        assert 100 not in p.settled
+        p.writer.up = True
+        p.storage.mark_up()  # as the drainer does once the database answers
+        async with asyncio.timeout(5):
+            await blocked
+        assert p.settled[-20:] == [100 + i for i in range(20)]
+        assert not p.storage.spool_full
+        assert p.sample("ingestd_spool_full") == 0
+    finally:
+        await p.storage.close(grace_seconds=1)
