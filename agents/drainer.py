@@ -45,8 +45,10 @@ class SpoolDrainer:
         bus: Bus,
         metrics: PipelineMetrics,
         retry_max_seconds: float = 10.0,
+        batch_size: int = 1000,
     ) -> None:
         self.spool = spool
+        self.batch_size = batch_size  # readings per replayed transaction, as live batches
         self.storage = storage
         self.writer: Writer = storage.writer
         self.bus = bus
@@ -56,7 +58,7 @@ class SpoolDrainer:
 
     async def run(self) -> None:
         while True:
-            batch = await self.spool.oldest()
+            batch = await self.spool.oldest(self.batch_size)
             if batch is None:
                 if self.storage.database_up:
                     self.storage.spooled.clear()

@@ -63,9 +63,14 @@ class RejectedMessage(NamedTuple):
 
 
 class ReadingsStored(NamedTuple):
-    """Rows just committed (new rows only): processed events, and what follows them."""
+    """Rows just committed (new rows only): processed events, and what follows them.
+
+    ``done``: the messages whose last event this is (their in-flight budget is released
+    once the Publisher has handled it); empty for rows replayed from the spool.
+    """
 
     rows: list[ReadingRow]
+    done: tuple[int, ...] = ()
 
 
 class RejectionsStored(NamedTuple):

@@ -62,7 +62,8 @@ class PersistenceAgent(Agent):
         super().__init__(bus, metrics, inbox)
         self.storage = storage
         self._settle_acks = settle
-        self.batch_limit = batch_size
+        self.batch_size = batch_size  # readings per transaction; a rejection counts as one
+        self._carry: Item | None = None  # taken from the inbox, first of the next batch
         self.batches_in_flight = batches_in_flight
         self._in_flight: dict[int, list[Item]] = {}  # being written, recovered after a crash
         self._batch_ids = itertools.count()
@@ -85,7 +86,7 @@ class PersistenceAgent(Agent):
             async with asyncio.TaskGroup() as writes:
                 while True:
                     await slots.acquire()
-                    batch = await self.inbox.get_batch(self.batch_limit)
+                    batch = await self._take_batch()
                     key = next(self._batch_ids)
                     self._in_flight[key] = batch
                     writes.create_task(self._write(key, batch, slots))
@@ -98,8 +99,27 @@ class PersistenceAgent(Agent):
         slots.release()
         self.last_progress = time.monotonic()
 
+    async def _take_batch(self) -> list[Item]:
+        """Whole messages up to ``batch_size`` readings, whatever waits (natural batching).
+
+        A message with more readings than that is a batch of its own, stored in parts.
+        """
+        first, self._carry = self._carry or await self.inbox.get(), None
+        batch, size = [first], _size(first)
+        while size < self.batch_size:
+            try:
+                item = self.inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if size + _size(item) > self.batch_size:
+                self._carry = item
+                break
+            batch.append(item)
+            size += _size(item)
+        return batch
+
     def has_work(self) -> bool:
-        return bool(self._in_flight) or not self.inbox.empty()
+        return bool(self._in_flight) or self._carry is not None or not self.inbox.empty()
 
     # -- storing ---------------------------------------------------------------------------
 
@@ -151,6 +171,7 @@ class PersistenceAgent(Agent):
         )
         self.metrics.unstorable.inc()
         self._settle_acks([rejected.message.seq])
+        await self.bus.publish(ReadingsStored([], done=(rejected.message.seq,)))
 
     async def _store(self, batch: list[Item]) -> None:
         readings: list[ReadingRow] = []
@@ -163,44 +184,59 @@ class PersistenceAgent(Agent):
                     rejections.append(rejection_row(item, self.max_payload_bytes))
                 case _:
                     assert_never(item)
+        # One transaction per part of at most batch_size readings: no statement grows with
+        # the payload's shape, and a large array never looks like a slow database.
+        new: list[bool] = []  # per reading: a new row committed now
+        committed = 0
+        for start in range(0, max(len(readings), 1), self.batch_size):
+            part = readings[start : start + self.batch_size]
+            result = await self._make_durable(part, rejections if start == 0 else [])
+            if result is None:  # spooled: the drainer announces these rows once replayed
+                new += [False] * len(part)
+            else:
+                new += result.new
+                committed += len(part)
+        if readings:
+            self.metrics.seen({row.device_id for row in readings}, time.time())
+        await self._settle(batch, new, committed)
+
+    async def _make_durable(
+        self, readings: list[ReadingRow], rejections: list[RejectionRow]
+    ) -> WriteResult | None:
         async for attempt in backoff(
             NotDurableError, first=0.2, cap=self._retry_max_seconds, before_sleep=self._waiting
         ):
             with attempt:
-                result = await self.storage.store(readings, rejections)
-        if readings:
-            self.metrics.seen({row.device_id for row in readings}, time.time())
-        await self._settle(batch, result)
+                return await self.storage.store(readings, rejections)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _waiting(self, _state: Any) -> None:
         self.last_progress = time.monotonic()  # waiting out an outage is not a stall
 
-    async def _settle(self, batch: list[Item], result: WriteResult | None) -> None:
-        """Acknowledge, then announce: new rows now, or (spooled) when the drainer replays."""
+    async def _settle(self, batch: list[Item], new: list[bool], committed: int) -> None:
+        """Acknowledge, then announce: rejections, new rows, and that the batch is done."""
         stored: list[ReadingRow] = []
         rejections: list[RejectedMessage] = []
-        flags = iter(result.new) if result is not None else None
+        flags = iter(new)
         now = time.monotonic()
         observe = self.metrics.end_to_end_seconds.observe
         for item in batch:
             match item:
                 case EnrichedMessage():
-                    if flags is not None:
-                        stored += [row for row in item.rows if next(flags)]
+                    stored += [row for row in item.rows if next(flags)]
                 case RejectedMessage():
                     rejections.append(item)
                     self.metrics.rejected.labels(item.reason).inc()
                 case _:
                     assert_never(item)
             observe(now - item.message.received_mono)
-        if result is not None:
-            self.metrics.stored += len(stored)
-            self.metrics.duplicates += len(result.new) - len(stored)
-        self._settle_acks([item.message.seq for item in batch])
-        if stored:
-            await self.bus.publish(ReadingsStored(stored))
+        self.metrics.stored += len(stored)
+        self.metrics.duplicates += committed - len(stored)
+        seqs = tuple(item.message.seq for item in batch)
+        self._settle_acks(list(seqs))
         if rejections:
             await self.bus.publish(RejectionsStored(rejections))
+        await self.bus.publish(ReadingsStored(stored, done=seqs))
 
 
 def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> RejectionRow:
@@ -228,6 +264,11 @@ def _ascii_safe(rejection: RejectedMessage) -> RejectedMessage:
     return RejectedMessage(
         message, rejection.reason, escape(rejection.error) or "", escape(rejection.device_id)
     )
+
+
+def _size(item: Item) -> int:
+    """What an item weighs in a batch: its readings, or one for a rejection."""
+    return len(item.rows) if isinstance(item, EnrichedMessage) else 1
 
 
 def _device(item: Item) -> str | None:

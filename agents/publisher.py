@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, assert_never
 
@@ -57,9 +58,11 @@ class Publisher(Agent):
         inbox: Inbox[Any],
         outbound: Outbound,
         settings: EventSettings,
+        release: Callable[[Iterable[int]], None] = lambda _done: None,
     ) -> None:
         super().__init__(bus, metrics, inbox)
         self._send = outbound.publish
+        self._release = release  # the in-flight budget of messages whose events are out
         self._event_prefix = os.urandom(4).hex() + "-e"
         self._event_seq = 0
         self._published = metrics.events_published
@@ -86,6 +89,7 @@ class Publisher(Agent):
                 case ReadingsStored():
                     if self._processed:
                         self._publish_processed(event)
+                    self._release(event.done)
                 case RejectionsStored():
                     self._publish_failed(event)
                 case _:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.base import Agent
+from agents.budget import InflightBudget
 from agents.bus import Bus, Inbox
 from agents.decoding import Router
 from agents.events import RawMessage, RejectedMessage, ValidatedMessage
@@ -28,8 +29,11 @@ class ValidationAgent(Agent):
         inbox: Inbox[Any],
         router: Router,
         max_payload_bytes: int,
+        budget: InflightBudget | None = None,
     ) -> None:
         super().__init__(bus, metrics, inbox)
+        # Without a budget (unit tests of this agent alone), readings are not charged.
+        self.budget = budget or InflightBudget(max_bytes=2**62, max_readings=2**62)
         self.reconfigure(router, max_payload_bytes)
 
     def reconfigure(self, router: Router, max_payload_bytes: int) -> None:
@@ -38,9 +42,13 @@ class ValidationAgent(Agent):
         self._max_payload_bytes = max_payload_bytes
 
     async def handle(self, batch: list[RawMessage]) -> None:
-        publish = self.bus.publish
+        publish, charge = self.bus.publish, self.budget.charge
         for message in batch:
-            await publish(self.validate(message))
+            outcome = self.validate(message)
+            if isinstance(outcome, ValidatedMessage):
+                # Waits while the readings in flight are at their budget (backpressure).
+                await charge(message.seq, len(outcome.readings))
+            await publish(outcome)
 
     def validate(self, message: RawMessage) -> ValidatedMessage | RejectedMessage:
         found = self._router.route(message.topic)

@@ -87,6 +87,10 @@ class MqttConfig(Section):
     # Receive Maximum on v5). Size mosquitto's max_inflight_messages to match. Throughput
     # is at most window / (receipt-to-commit time), so a WAN database needs a large one.
     max_inflight: int = Field(default=4000, ge=1, le=65535)
+    # ... and the payload bytes those messages may carry together (reads pause when full;
+    # room is kept for one more payload of ingest.max_payload_bytes). Match mosquitto's
+    # max_inflight_bytes to it.
+    max_inflight_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     session_expiry_seconds: int = Field(default=7 * 24 * 3600, ge=0)
     subscribe_qos: Literal[0, 1] = 1
     # SUBACK queues behind a persistent session's backlog, so this must be generous.
@@ -163,6 +167,9 @@ class SourceConfig(Section):
 
 class IngestConfig(Section):
     max_payload_bytes: int = Field(default=64 * 1024, ge=16, le=256 * 1024 * 1024)
+    # Decoded readings in flight, from validation until their events are out: arrays and
+    # Sparkplug payloads carry hundreds each, so the message window alone bounds nothing.
+    max_inflight_readings: int = Field(default=50_000, ge=1)
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
     # Device registry used for enrichment (TOML or CSV); rows in the `devices` table add to it.
     registry_file: Path | None = None
@@ -227,6 +234,8 @@ class PublishConfig(Section):
     # Outbound events wait here while the broker is away; beyond it they are counted as dropped
     # (the stored row or rejection remains the record).
     max_queued: int = Field(default=10_000, ge=1)
+    # ... and the bytes of QoS 1 events (failed events carry the payload) awaiting the broker.
+    max_queued_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
 
 class MetricsConfig(Section):

@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agents.budget import InflightBudget
 from agents.metrics import PipelineMetrics
 from db.spool import Spool
 
 __all__ = [
     "DISCONNECT_CAUSES",
+    "BudgetCollector",
     "IntakeMetrics",
     "Metrics",
     "ReadinessCollector",
@@ -121,6 +123,32 @@ class WindowCollector(Collector):
             "The in-flight window ingestd enforces.",
             value=self._tracker.window,
         )
+
+
+class BudgetCollector(Collector):
+    """What the messages in flight carry, against the budgets (``agents.budget``)."""
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        budget = self._budget
+        gauges = (
+            ("ingestd_inflight_bytes", "Payload bytes of the messages in flight.", budget.bytes),
+            (
+                "ingestd_inflight_bytes_budget",
+                "The payload bytes in flight ingestd allows (mqtt.max_inflight_bytes).",
+                budget.max_bytes,
+            ),
+            ("ingestd_inflight_readings", "Decoded readings in flight.", budget.readings),
+            (
+                "ingestd_inflight_readings_budget",
+                "The readings in flight ingestd allows (ingest.max_inflight_readings).",
+                budget.max_readings,
+            ),
+        )
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(name, text, value=value)
 
 
 class SpoolCollector(Collector):

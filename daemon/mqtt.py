@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agents.budget import InflightBudget
 from agents.bus import Inbox
 from agents.events import RawMessage
 from agents.retry import backoff
@@ -40,7 +41,12 @@ ONLINE, OFFLINE = b"online", b"offline"
 class MqttSource:
     """Connects, subscribes, delivers messages to the validation inbox and sends PUBACKs."""
 
-    def __init__(self, config: Config, inbox: Inbox[RawMessage], metrics: IntakeMetrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        inbox: Inbox[RawMessage],
+        metrics: IntakeMetrics,
+    ) -> None:
         self._config = config
         self._mqtt = config.mqtt
         self._inbox = inbox
@@ -50,12 +56,19 @@ class MqttSource:
         self._stopping = False
         self._pending: Config | None = None  # a reloaded config, applied at the next connect
         self._client = self._build_client()
-        self.bridge = PahoBridge(self._client, self._on_message)
+        self.bridge = PahoBridge(self._client, self._on_message, config.publish.max_queued_bytes)
         # Through the source, not bound to this bridge: a reload builds a new one.
         self.tracker = AckTracker(
             self._mqtt.max_inflight,
             self._ack,
             metrics,
+            on_room=self._on_room,
+        )
+        # What the messages in flight carry; reads pause while it is full, as for the window.
+        self.budget = InflightBudget(
+            config.mqtt.max_inflight_bytes,
+            config.ingest.max_inflight_readings,
+            largest_payload=config.ingest.max_payload_bytes,
             on_room=self._on_room,
         )
         self.connected = asyncio.Event()
@@ -87,9 +100,14 @@ class MqttSource:
         self._config, self._mqtt = config, config.mqtt
         self._status_topic = f"{config.publish.prefix}/status"
         self.tracker.resize(config.mqtt.max_inflight)
+        self.budget.resize(
+            config.mqtt.max_inflight_bytes,
+            config.ingest.max_inflight_readings,
+            config.ingest.max_payload_bytes,
+        )
         self._client = self._build_client()
-        self.bridge = PahoBridge(self._client, self._on_message)
-        if self.tracker.full:  # messages of the old connection still hold the window
+        self.bridge = PahoBridge(self._client, self._on_message, config.publish.max_queued_bytes)
+        if self.tracker.full or self.budget.full:  # the old connection's messages hold them
             self.bridge.pause_reads()
         log.info("reconnecting with the reloaded config", extra={"broker": self._mqtt.url})
 
@@ -142,6 +160,7 @@ class MqttSource:
         """Called by the bridge on the loop thread for every PUBLISH received."""
         self._metrics.received += 1
         seq = self.tracker.track(mid, qos)
+        self.budget.admit(seq, len(payload))
         raw = RawMessage(
             seq,
             topic,
@@ -162,14 +181,16 @@ class MqttSource:
             # slot, and end the connection (the exception does); the broker redelivers.
             self.tracker.new_epoch()
             self.tracker.settle([seq])
+            self.budget.release([seq])
             raise
-        if self.tracker.full:
+        if self.tracker.full or self.budget.full:
             self.bridge.pause_reads()
             self._metrics.intake_paused.set(1)
             self._metrics.intake_pauses.inc()
 
     def _on_room(self) -> None:
-        if not self._stopping:
+        """The window or the budget has room again: read on, unless the other is full."""
+        if not self._stopping and not self.tracker.full and not self.budget.full:
             self.bridge.resume_reads()
             self._metrics.intake_paused.set(0)
 

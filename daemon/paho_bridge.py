@@ -92,9 +92,24 @@ class _BufferedSocket:
 class PahoBridge:
     """Manual acks, direct message callbacks, pausable buffered reads and coalesced writes."""
 
-    def __init__(self, client: aiomqtt.Client, on_publish: OnPublish) -> None:
+    def __init__(
+        self, client: aiomqtt.Client, on_publish: OnPublish, max_queued_bytes: int = 8 << 20
+    ) -> None:
         self._client = client
         self._paho: paho.Client = client._client
+        # QoS 1 publishes paho holds until their PUBACK: bounded in bytes here (paho
+        # bounds only their count), since a failed event carries a payload of up to 64 KiB.
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
+        self._queued: dict[int, int] = {}  # mid -> payload bytes
+        acknowledged = self._paho.on_publish  # aiomqtt's: completes its publish() futures
+
+        def on_puback(client: paho.Client, userdata: Any, mid: int, *args: Any) -> None:
+            self.queued_bytes -= self._queued.pop(mid, 0)
+            if acknowledged is not None:
+                acknowledged(client, userdata, mid, *args)
+
+        self._paho.on_publish = on_puback
         self._loop = asyncio.get_running_loop()
         self._fd = -1
         self._sock: _BufferedSocket | None = None
@@ -297,8 +312,14 @@ class PahoBridge:
                 return False
             self._queue(encode_publish_qos0(topic, payload, retain, self._v5))
             return True
+        if self._queued and self.queued_bytes + len(payload) > self.max_queued_bytes:
+            return False  # the broker is slow to acknowledge: drop (counted) rather than grow
         info = self._paho.publish(topic, payload, qos, retain)
-        return info.rc == paho.MQTT_ERR_SUCCESS
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        self._queued[info.mid] = len(payload)
+        self.queued_bytes += len(payload)
+        return True
 
     def _queue(self, packet: bytes) -> None:
         self._outbox += packet

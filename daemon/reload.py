@@ -71,6 +71,9 @@ async def reload(daemon: Daemon, config_file: Path | None, device_table: DeviceR
     limit = new.ingest.max_payload_bytes
     daemon.validation.reconfigure(build_routes(new, daemon.source), limit)
     daemon.persistence.max_payload_bytes = limit
+    daemon.source.budget.resize(
+        daemon.config.mqtt.max_inflight_bytes, new.ingest.max_inflight_readings, limit
+    )  # the byte budget is the broker connection's: it changes with a reconnect
     daemon.publisher.reconfigure(event_settings(new))
     # The registry file is read again even when its path did not change (its content
     # may have), and the devices table is merged over it as at start-up.

@@ -33,7 +33,13 @@ from agents.validation import ValidationAgent
 from daemon import __version__
 from daemon.config import Config
 from daemon.http import HealthServer
-from daemon.metrics import Metrics, ReadinessCollector, SpoolCollector, WindowCollector
+from daemon.metrics import (
+    BudgetCollector,
+    Metrics,
+    ReadinessCollector,
+    SpoolCollector,
+    WindowCollector,
+)
 from daemon.mqtt import MqttSource
 from db.backends import WriterOptions, backend_for
 from db.spool import Spool
@@ -42,6 +48,8 @@ __all__ = ["Daemon", "build_routes", "event_settings", "file_registry", "prepare
 
 # Room in the validation inbox beyond the in-flight window: what paho may deliver in one read.
 _READ_SLACK = 1024
+# Batches of events waiting for the Publisher (each up to database.batch_size readings).
+_EVENT_BATCHES = 64
 
 
 @dataclass(slots=True)
@@ -94,9 +102,15 @@ def wire(
         bus, pipeline, store_inbox, storage, source.tracker.settle, config.database.batch_size,
         max_payload_bytes=limit, batches_in_flight=config.database.batches_in_flight,
     )  # fmt: skip
-    publish_inbox = bus.inbox("publisher", size, ReadingsStored, RejectionsStored)
+    # Its events are whole batches: a few dozen of them bound what waits for the broker.
+    publish_inbox = bus.inbox("publisher", _EVENT_BATCHES, ReadingsStored, RejectionsStored)
     spool = storage.spool
-    drainer = None if spool is None else SpoolDrainer(spool, storage, bus, pipeline)
+    batch_size = config.database.batch_size
+    drainer = (
+        None
+        if spool is None
+        else SpoolDrainer(spool, storage, bus, pipeline, batch_size=batch_size)
+    )
     daemon = Daemon(
         config=config,
         metrics=metrics,
@@ -104,12 +118,16 @@ def wire(
         source=source,
         storage=storage,
         registry=devices,
-        validation=ValidationAgent(bus, pipeline, raw_inbox, build_routes(config, source), limit),
+        validation=ValidationAgent(
+            bus, pipeline, raw_inbox, build_routes(config, source), limit, source.budget
+        ),
         enrichment=EnrichmentAgent(
             bus, pipeline, bus.inbox("enrichment", size, ValidatedMessage), devices
         ),
         persistence=persistence,
-        publisher=Publisher(bus, pipeline, publish_inbox, source, event_settings(config)),
+        publisher=Publisher(
+            bus, pipeline, publish_inbox, source, event_settings(config), source.budget.release
+        ),
         drainer=drainer,
         http=HealthServer(config.metrics.host, config.metrics.port, registry, readiness),
     )
@@ -139,6 +157,7 @@ def _writer_options(config: Config) -> WriterOptions:
 def _register_collectors(daemon: Daemon, readiness: Callable[[], str | None]) -> None:
     registry = daemon.metrics.registry
     registry.register(WindowCollector(daemon.source.tracker))
+    registry.register(BudgetCollector(daemon.source.budget))
     registry.register(SpoolCollector(daemon.storage.spool))
     registry.register(ReadinessCollector(readiness))
     for service in daemon.services:

@@ -153,11 +153,12 @@ class Spool:
         if stats.oldest_created_at is None:
             stats.oldest_created_at = now
 
-    async def oldest(self, max_readings: int = 5000) -> SpooledBatch | None:
-        """The oldest batches, merged up to about ``max_readings``; None when empty.
+    async def oldest(self, max_readings: int = 1000) -> SpooledBatch | None:
+        """The oldest batches, merged up to ``max_readings`` (at least one); None when empty.
 
         Batches spooled during an outage are small (whatever arrived during one write), so
-        replaying several per transaction is what makes the drain fast.
+        replaying several per transaction is what makes the drain fast; the bound keeps a
+        replay's transaction and memory the size of a live batch.
         """
         return await self._thread.call(self._oldest, max_readings)
 
@@ -166,8 +167,10 @@ class Spool:
             self._open()
         assert self._conn is not None
         try:
+            ids = self._first_ids(self._conn, max_readings)
+            marks = ", ".join("?" * len(ids))
             rows = self._conn.execute(
-                "SELECT id, readings, body FROM batches ORDER BY id LIMIT 1000"
+                f"SELECT id, body FROM batches WHERE id IN ({marks}) ORDER BY id", ids
             ).fetchall()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
@@ -176,9 +179,7 @@ class Spool:
             self._open()
             return None
         merged = SpooledBatch([], [], [])
-        for batch_id, readings, body in rows:
-            if merged.ids and len(merged.readings) + readings > max_readings:
-                break
+        for batch_id, body in rows:
             try:
                 reading_rows, rejection_rows = _decode(body)
             except (ValueError, KeyError, TypeError) as exc:
@@ -190,6 +191,21 @@ class Spool:
         if merged.ids:
             return merged
         return self._oldest(max_readings) if rows else None
+
+    @staticmethod
+    def _first_ids(conn: sqlite3.Connection, max_readings: int) -> list[int]:
+        """Ids of the oldest batches holding at most ``max_readings`` together (one at least);
+        the bodies are read only for these."""
+        ids: list[int] = []
+        total = 0
+        for batch_id, readings in conn.execute(
+            "SELECT id, readings FROM batches ORDER BY id LIMIT 1000"
+        ):
+            if ids and total + readings > max_readings:
+                break
+            ids.append(batch_id)
+            total += readings
+        return ids
 
     def _quarantine(self, batch_id: int, exc: Exception) -> None:
         # One unreadable record must not block everything behind it; it is kept aside.

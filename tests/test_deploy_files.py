@@ -243,6 +243,8 @@ def test_mosquitto_config_is_sized_for_ack_after_commit() -> None:
     assert s["autosave_on_changes"] == ["false"]
     assert 0 < int(s["autosave_interval"][0]) <= 30  # stock 1800 s risks 30 min on a crash
     assert int(s["max_inflight_messages"][0]) == window  # stock 20 caps the pipeline
+    # The broker's byte window agrees with the daemon's in-flight byte budget.
+    assert int(s["max_inflight_bytes"][0]) == MqttConfig().max_inflight_bytes
     assert int(s["max_queued_messages"][0]) >= 100 * window
     assert int(s["max_queued_bytes"][0]) > 0  # 0 would mean unbounded broker memory
     expiry = duration_seconds(s["persistent_client_expiration"][0])

@@ -55,6 +55,7 @@ FLOW_CONTROL = (
     "autosave_on_changes",
     "persistent_client_expiration",
     "max_inflight_messages",
+    "max_inflight_bytes",
     "max_queued_messages",
     "max_queued_bytes",
     "max_packet_size",

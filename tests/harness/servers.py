@@ -332,6 +332,7 @@ persistence_location {self.state_dir}/
 persistence_file mosquitto.db
 autosave_interval 1
 max_inflight_messages 4000
+max_inflight_bytes 16777216
 max_queued_messages 1000000
 max_queued_bytes 0
 set_tcp_nodelay true
