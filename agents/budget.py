@@ -35,8 +35,12 @@ class InflightBudget:
         self._costs: dict[int, list[int]] = {}  # seq -> [bytes, readings]
         self._room_for_readings = asyncio.Event()
         self._room_for_readings.set()
-        self.on_room = on_room
+        self._on_room = [on_room]
         self.resize(max_bytes, max_readings, largest_payload)
+
+    def watch(self, on_room: Callable[[], None]) -> None:
+        """Call ``on_room`` too when the budget stops being full (each broker connection)."""
+        self._on_room.append(on_room)
 
     def resize(self, max_bytes: int, max_readings: int, largest_payload: int = 0) -> None:
         """New budgets (a reload); they apply from the next message on."""
@@ -56,11 +60,19 @@ class InflightBudget:
         self._costs[seq] = [size, 0]
         self.bytes += size
 
+    def has_room(self, readings: int) -> bool:
+        """Whether ``readings`` more fit now (or nothing else is charged, or nothing to add)."""
+        return not readings or not self.readings or self.readings + readings <= self.max_readings
+
     async def charge(self, seq: int, readings: int) -> None:
         """A message decoded into ``readings``: wait for room, unless nothing else is charged."""
-        while self.readings and self.readings + readings > self.max_readings:
+        while not self.has_room(readings):
             self._room_for_readings.clear()
             await self._room_for_readings.wait()
+        self.charge_now(seq, readings)
+
+    def charge_now(self, seq: int, readings: int) -> None:
+        """``charge`` when ``has_room`` said yes: no coroutine on the hot path."""
         cost = self._costs.get(seq)
         if cost is not None:
             cost[1] += readings
@@ -78,4 +90,5 @@ class InflightBudget:
         if self.readings < self.max_readings:
             self._room_for_readings.set()
         if was_full and not self.full:
-            self.on_room()
+            for on_room in self._on_room:
+                on_room()

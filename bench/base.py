@@ -18,6 +18,8 @@ class Row:
     run: int
     readings: int
     seconds: float | None = None  # what the scenario times (see its describe line)
+    # readings / seconds: msg/s wherever a message holds one reading (the array scenarios
+    # keep their msg/s in figures["messages_per_s"])
     msg_per_s: float | None = None
     peak_rss_mb: float | None = None
     p50_ms: float | None = None  # latency scenarios only
@@ -54,6 +56,7 @@ class Options:
     soak_rate: float | None = None  # None: half the median ingestd drain rate of this run
     outage_seconds: float = 60.0
     wan_delay_ms: float = 25.0
+    arrays: int = 2_000  # messages of ingestd-arrays / -near-limit; singles: x 500 readings
     results: list[Row] = field(default_factory=list)
 
     def median_rate(self, scenario: str) -> float | None:
@@ -73,6 +76,9 @@ class Scenario(ABC):
     # At most this many runs whatever --runs says (long scenarios: once). Capped scenarios
     # run in the last rounds, so they see every earlier result (the soak reads the drain rate).
     max_runs: ClassVar[int | None] = None
+    # One reading per message, so its readings/s is comparable with the reference consumers'
+    # msg/s (x ceil, x naive); False for array backlogs.
+    compares_messages: ClassVar[bool] = True
 
     def __init__(self, options: Options) -> None:
         self.options = options

@@ -30,6 +30,8 @@ TIMELINE_KEYS = {
     "ingestd_readings_stored_total": "stored",
     "ingestd_readings_duplicate_total": "duplicates",
     "ingestd_inflight_messages": "inflight",
+    "ingestd_inflight_bytes": "inflight_bytes",
+    "ingestd_inflight_readings": "inflight_readings",
     "ingestd_intake_paused": "paused",
     "ingestd_spool_readings": "spool",
     "ingestd_database_up": "db_up",

@@ -32,6 +32,7 @@ TOPICS = tuple(f"sensors/dev-{d:03d}/{s}" for d in range(DEVICES) for s in SENSO
 BASE_TS = datetime(2026, 1, 1, tzinfo=UTC)
 PUBLISH_WINDOW = 20_000  # unacknowledged PUBLISHes on the wire (packet ids must stay unique)
 CHUNK = 1_000  # packets per sendall()
+CHUNK_BYTES = 1 << 20  # ... or fewer, so a chunk of 64 KiB payloads stays ~1 MiB
 STORE_COUNT_TOPIC = "$SYS/broker/store/messages/count"
 
 
@@ -94,6 +95,106 @@ def publish_packets(n: int) -> tuple[bytes, ...]:
     )
 
 
+# ------------------------------------------------------------------ array backlogs
+
+
+ARRAY_READINGS = 500  # readings per array in ingestd-arrays (and per message group for singles)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A pre-built backlog: the PUBLISH packets and what they hold."""
+
+    packets: tuple[bytes, ...]
+    readings: int
+    per_message: tuple[int, int]  # fewest and most readings in one message
+    payload_bytes: tuple[float, int]  # average and largest payload
+
+    @property
+    def messages(self) -> int:
+        return len(self.packets)
+
+    @property
+    def seq_sum(self) -> int:
+        """``seq`` is the reading's index over the whole backlog: the sum of 0..N-1."""
+        return self.readings * (self.readings - 1) // 2
+
+
+def _reading_object(index: int, ts: str) -> str:
+    """One reading as compact JSON (~52 bytes), the same in arrays and single messages."""
+    return f'{{"value":{20.0 + (index % 997) / 10.0:.2f},"ts":"{ts}","seq":{index}}}'
+
+
+class _Timestamps:
+    """``ts`` strings one second apart from ``BASE_TS``, formatted once, shared by the series."""
+
+    def __init__(self) -> None:
+        self._cache: list[str] = []
+
+    def __getitem__(self, k: int) -> str:
+        while len(self._cache) <= k:
+            t = BASE_TS + timedelta(seconds=len(self._cache))
+            self._cache.append(t.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        return self._cache[k]
+
+
+@functools.lru_cache(maxsize=4)
+def array_workload(
+    messages: int,
+    per_message: int | None = None,
+    max_bytes: int | None = None,
+    *,
+    single: bool = False,
+) -> Workload:
+    """``messages`` payloads, message ``m`` on ``TOPICS[m % 400]``.
+
+    Each message is a JSON array of ``per_message`` readings, or as many as fit in
+    ``max_bytes`` (filled greedily, so every payload is just under it); ``single`` sends each
+    reading as a plain JSON object (``per_message`` must be 1). Readings are numbered 0..N-1
+    over the whole backlog (``seq``, so ``sum(seq)`` checks every one was stored once); each
+    (device, sensor) series counts its own readings, one second apart, so every ``ts`` of a
+    series is distinct, within an array and across the arrays of that series.
+    """
+    if (per_message is None) == (max_bytes is None):
+        raise ValueError("give per_message or max_bytes")
+    if single and per_message != 1:
+        raise ValueError("single messages hold one reading")
+    stamps = _Timestamps()
+    next_in_series = [0] * len(TOPICS)
+    packets: list[bytes] = []
+    counts: list[int] = []
+    sizes: list[int] = []
+    index = 0
+    for m in range(messages):
+        series = m % len(TOPICS)
+        k = next_in_series[series]
+        items: list[str] = []
+        if per_message is not None:
+            items = [_reading_object(index + j, stamps[k + j]) for j in range(per_message)]
+            size = sum(map(len, items)) + len(items) + 1  # commas and brackets
+        else:
+            assert max_bytes is not None
+            size = 1  # "[" ... "]": one more byte than the commas
+            while True:
+                item = _reading_object(index + len(items), stamps[k + len(items)])
+                if size + len(item) + 1 > max_bytes:
+                    break
+                items.append(item)
+                size += len(item) + 1
+        payload = (items[0] if single else "[" + ",".join(items) + "]").encode()
+        packets.append(publish_packet(TOPICS[series], payload, m % 65535 + 1))
+        counts.append(len(items))
+        sizes.append(len(payload))
+        next_in_series[series] = k + len(items)
+        index += len(items)
+    return Workload(
+        packets=tuple(packets),
+        readings=index,
+        per_message=(min(counts), max(counts)),
+        payload_bytes=(sum(sizes) / len(sizes), max(sizes)),
+    )
+
+
 # ---------------------------------------------------------------------------- publisher
 
 
@@ -125,8 +226,7 @@ class RawPublisher:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._handshake(sock)
             sent = 0
-            for start in range(0, len(packets), CHUNK):
-                chunk = packets[start : start + CHUNK]
+            for chunk in _chunks(packets):
                 sock.sendall(b"".join(chunk))
                 sent += len(chunk)
                 self._read_acks(sock, until=sent - PUBLISH_WINDOW)
@@ -170,6 +270,19 @@ class RawPublisher:
         if acks[0::4] != b"\x40" * (whole // 4) or acks[1::4] != b"\x02" * (whole // 4):
             raise PublishError("unexpected packet from the broker (expected only PUBACKs)")
         self.acked += whole // 4
+
+
+def _chunks(packets: Sequence[bytes]) -> Iterable[Sequence[bytes]]:
+    """Consecutive runs of at most ``CHUNK`` packets and (unless one packet is larger)
+    ``CHUNK_BYTES`` bytes."""
+    start, size = 0, 0
+    for i, packet in enumerate(packets):
+        if i > start and (i - start >= CHUNK or size + len(packet) > CHUNK_BYTES):
+            yield packets[start:i]
+            start, size = i, 0
+        size += len(packet)
+    if start < len(packets):
+        yield packets[start:]
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -252,8 +365,12 @@ def queue_backlog(
     client_ids: str | Sequence[str],
     n: int,
     topic_filter: str = TOPIC_FILTER,
+    packets: Sequence[bytes] | None = None,
 ) -> Backlog:
     """Create the sessions, queue ``n`` readings, check the broker holds them.
+
+    ``packets`` (a ``Workload``'s) replaces the one-reading messages of ``readings(n)``;
+    ``n`` then still counts readings, and the store must grow by ``len(packets)`` messages.
 
     With several client ids and a ``$share/<group>/...`` filter, the broker queues each
     message for one of them (mosquitto 2.0 takes turns, also between offline sessions):
@@ -262,11 +379,13 @@ def queue_backlog(
     ids = (client_ids,) if isinstance(client_ids, str) else tuple(client_ids)
     for client_id in ids:
         create_session(broker_port, client_id, topic_filter)
+    if packets is None:
+        packets = publish_packets(n)
     before = broker_store_count(broker_port)
     started = time.monotonic()
-    RawPublisher(broker_port).publish(publish_packets(n))
+    RawPublisher(broker_port).publish(packets)
     publish_seconds = time.monotonic() - started
-    after = _wait_store_count(broker_port, before + n)
+    after = _wait_store_count(broker_port, before + len(packets))
     if "dropped" in broker_log():
         raise PublishError("the broker log reports dropped messages: raise max_queued_messages")
     return Backlog(ids, n, publish_seconds, after)

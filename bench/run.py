@@ -6,7 +6,7 @@ and a naive consumer doing one INSERT per message, then under live traffic.
     .venv/bin/python -m bench.run [--readings N] [--runs K] [--scenarios a,b,c] [--quick]
                                    [--live-rate R] [--latency-seconds S] [--soak-seconds S]
                                    [--soak-rate R] [--outage-seconds S] [--wan-delay-ms MS]
-                                   [--json PATH] [--keep]
+                                   [--arrays N] [--json PATH] [--keep]
 
 Prints one table (medians over the runs) and the PASS/MISS lines of the targets, and writes
 every run plus machine info to a JSON file. Exits 0 even when a target is missed; exits 1
@@ -51,6 +51,9 @@ TARGET_RSS_MB = 150.0
 TARGET_SOAK_GROWTH_PCT = 10.0
 TARGET_SCALE_OUT = 1.2
 TARGET_MIN_SHARE = 0.25  # "both working": each instance stored at least this share
+TARGET_ARRAYS_VS_SINGLES = 1.5  # readings/s of ingestd-arrays / ingestd-singles
+ARRAYS = (2_000, 200)  # (default, --quick) messages of the array backlogs
+ARRAY_SCENARIOS = ("ingestd-arrays", "ingestd-near-limit", "ingestd-singles")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wan-delay-ms", type=float, default=25.0,
         help="ingestd-wan: delay each way (default %(default)g)",
     )  # fmt: skip
+    arrays = parser.add_argument_group("array backlogs")
+    arrays.add_argument(
+        "--arrays", type=int, help="messages of ingestd-arrays and ingestd-near-limit; "
+        "ingestd-singles sends 500x as many single readings (default 2,000; quick 200)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     quick = int(args.quick)
     if args.readings is None:
@@ -102,12 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.soak_seconds = SOAK_SECONDS[quick]
     if args.outage_seconds is None:
         args.outage_seconds = OUTAGE_SECONDS[quick]
+    if args.arrays is None:
+        args.arrays = ARRAYS[quick]
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
         parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
-    if args.readings < 1 or args.runs < 1:
-        parser.error("--readings and --runs must be positive")
+    if args.readings < 1 or args.runs < 1 or args.arrays < 1:
+        parser.error("--readings, --runs and --arrays must be positive")
     if min(args.live_rate, args.latency_seconds, args.soak_seconds, args.outage_seconds) <= 0:
         parser.error("rates and durations must be positive")
     args.scenarios = names
@@ -123,6 +133,7 @@ def options(args: argparse.Namespace) -> Options:
         soak_rate=args.soak_rate,
         outage_seconds=args.outage_seconds,
         wan_delay_ms=args.wan_delay_ms,
+        arrays=args.arrays,
     )
 
 
@@ -149,7 +160,10 @@ def run_one(scenario: Scenario, env: BenchEnv, readings: int, run: int) -> Row:
     if row.error is not None:
         print(f"         FAILED: {row.error.splitlines()[0]}", flush=True)
     elif row.msg_per_s is not None and row.seconds is not None:
-        print(f"         {row.msg_per_s:,.0f} msg/s, {row.seconds:.2f} s", flush=True)
+        rate = f"{row.msg_per_s:,.0f} readings/s"
+        if "messages_per_s" in row.figures:
+            rate += f" ({row.figures['messages_per_s']:,.0f} msg/s)"
+        print(f"         {rate}, {row.seconds:.2f} s", flush=True)
     return row
 
 
@@ -270,6 +284,16 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                None if share is None else share * 100, _at_least(share, TARGET_MIN_SHARE), "%"),
         _check("scale-out: every reading stored once", None, scale_once, ""),
     ]  # fmt: skip
+    if any(name in summary for name in ARRAY_SCENARIOS):
+        for name in ARRAY_SCENARIOS:
+            peak = get(name, "peak_rss_mb")
+            checks.append(_check(f"{name} peak RSS <= {TARGET_RSS_MB:g} MB", peak,
+                                 _at_most(peak, TARGET_RSS_MB), " MB"))  # fmt: skip
+        arrays = ratio(summary, "ingestd-arrays", "ingestd-singles")
+        checks.append(
+            _check(f"arrays >= {TARGET_ARRAYS_VS_SINGLES:g}x singles (readings/s)", arrays,
+                   _at_least(arrays, TARGET_ARRAYS_VS_SINGLES), "x")
+        )  # fmt: skip
     if "catch-up" in summary:
         drain = get("catch-up", "seconds")
         checks.append(_check("catch-up: heal -> spool empty (no target)", drain, None, " s"))
@@ -283,35 +307,40 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(summary: dict[str, dict[str, Any]], scenarios: dict[str, Scenario]) -> str:
     """The stdout table: one line per scenario, medians, ratios of msg/s."""
     header = (
-        f"{'scenario':<17} {'readings':>9} {'seconds':>8} {'msg/s':>8} {'x ceil':>6} "
+        f"{'scenario':<18} {'readings':>9} {'seconds':>8} {'readings/s':>10} {'x ceil':>6} "
         f"{'x naive':>7} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>6}  notes"
     )
     lines = [header, "-" * (len(header) + 30)]
     drains = {"ceiling", "naive", "scale-out"} | {n for n in summary if n.startswith("ingestd")}
     for name, s in summary.items():
         if not s["runs"]:
-            lines.append(f"{name:<17} {'FAILED':>9}")
+            lines.append(f"{name:<18} {'FAILED':>9}")
             continue
-        x_ceiling = ratio(summary, name, "ceiling") if name in drains else None
-        x_naive = ratio(summary, name, "naive") if name in drains else None
+        comparable = name in drains and scenarios[name].compares_messages
+        x_ceiling = ratio(summary, name, "ceiling") if comparable else None
+        x_naive = ratio(summary, name, "naive") if comparable else None
         note = scenarios[name].note(s)
         if name in ("ingestd-wan", "ingestd-proxy", "scale-out"):
             vs = ratio(summary, name, "ingestd")
             if vs is not None:
                 note = "; ".join(filter(None, [f"x ingestd {vs:.2f}", note]))
+        if name in ("ingestd-arrays", "ingestd-near-limit"):
+            vs = ratio(summary, name, "ingestd-singles")
+            if vs is not None:
+                note = "; ".join(filter(None, [f"x singles {vs:.2f}", note]))
         if s["runs"] > 1 or s["failed_runs"]:
             note = "; ".join(filter(None, [note, f"{s['runs']} runs"]))
         if s["failed_runs"]:
             note += f", {s['failed_runs']} FAILED"
         lines.append(
-            f"{name:<17} {s['readings']:>9,.0f} {_fmt(s['seconds'], '.2f'):>8} "
-            f"{_fmt(s['msg_per_s'], ',.0f'):>8} {_fmt(x_ceiling, '.2f'):>6} "
+            f"{name:<18} {s['readings']:>9,.0f} {_fmt(s['seconds'], '.2f'):>8} "
+            f"{_fmt(s['msg_per_s'], ',.0f'):>10} {_fmt(x_ceiling, '.2f'):>6} "
             f"{_fmt(x_naive, '.2f'):>7} {_fmt(s['p50_ms'], '.1f'):>7} "
             f"{_fmt(s['p99_ms'], '.1f'):>7} {_fmt(s['peak_rss_mb'], '.1f'):>6}  {note}".rstrip()
         )
         if name == "latency" and s.get("daemon_p50_ms") is not None:
             lines.append(
-                f"{'latency (daemon)':<17} {'':>9} {'':>8} {'':>8} {'':>6} {'':>7} "
+                f"{'latency (daemon)':<18} {'':>9} {'':>8} {'':>10} {'':>6} {'':>7} "
                 f"{s['daemon_p50_ms']:>7.1f} {s['daemon_p99_ms']:>7.1f} {'':>6}  "
                 "ingestd_end_to_end_latency_seconds: receipt -> durable (bucket estimate)"
             )
@@ -331,7 +360,7 @@ def details(rows: list[Row]) -> str:
             startup, drain = d["startup_seconds"], d["drain_seconds"]
             line = f"startup {startup:.2f} s + drain {drain:.2f} s"
             if drain:
-                line += f" ({r.readings / drain:,.0f} msg/s once flowing)"
+                line += f" ({r.readings / drain:,.0f} readings/s once flowing)"
             add(line)
         if d.get("impl"):
             add(d["impl"])
@@ -342,6 +371,15 @@ def details(rows: list[Row]) -> str:
                 f"{d['batches']:g} batches, avg {d.get('batch_size_avg')} readings;"
                 f" write avg {d.get('write_ms_avg')} ms; end-to-end avg"
                 f" {d.get('end_to_end_ms_avg')} ms"
+            )
+        if d.get("messages"):
+            low, high = d["readings_per_message"]
+            add(
+                f"{d['messages']:,} messages of {low:,}-{high:,} readings, payload avg"
+                f" {d['payload_bytes_avg']:,.0f} B, max {d['payload_bytes_max']:,} B; in flight"
+                f" at most (sampled): {d.get('inflight_max_sampled', 0):,.0f} messages,"
+                f" {d.get('inflight_bytes_max_sampled', 0) / 2**20:.1f} MiB,"
+                f" {d.get('inflight_readings_max_sampled', 0):,.0f} readings"
             )
         for inst in d.get("instances", []):
             add(

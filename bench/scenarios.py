@@ -30,6 +30,8 @@ from bench.proxy import DelayProxy
 
 __all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Options", "Row", "Scenario", "check_readings"]
 
+MAX_PAYLOAD_BYTES = 64 * 1024  # ingestd's default ingest.max_payload_bytes
+NEAR_LIMIT_BYTES = MAX_PAYLOAD_BYTES - 36  # ingestd-near-limit fills each payload up to this
 NAIVE_MAX_READINGS = 40_000  # one INSERT per message runs at ~2-4k/s: keep it under ~20 s
 SHARED_GROUP = "bench"
 MIN_SHARE = 0.25  # scale-out: each instance must store at least this share to count as working
@@ -127,13 +129,30 @@ class Ingestd(Scenario):
         """One-way delay of a ``DelayProxy`` between ingestd and PostgreSQL; None: direct."""
         return None
 
+    def workload(self) -> load.Workload | None:
+        """A pre-built backlog (arrays, ...); None: ``readings`` messages of one reading."""
+        return None
+
     def run(self, env: BenchEnv, readings: int, run: int) -> Row:
         row = Row(self.name, run, readings)
         workdir = env.workdir(self.name)
         dsn = env.database(self.name)
+        work = self.workload()
+        if work is not None:
+            assert work.readings == readings
+            row.figures["messages"] = work.messages
+            row.details.update(
+                messages=work.messages,
+                readings_per_message=list(work.per_message),
+                payload_bytes_avg=round(work.payload_bytes[0], 1),
+                payload_bytes_max=work.payload_bytes[1],
+            )
         with env.broker(workdir) as broker, self._link(env, dsn, row) as daemon_dsn:
             client_id = f"bench-{self.name}-{run}"
-            backlog = load.queue_backlog(broker.port, broker.log_text, client_id, readings)
+            backlog = load.queue_backlog(
+                broker.port, broker.log_text, client_id, readings,
+                packets=None if work is None else work.packets,
+            )  # fmt: skip
             row.details["publish_seconds"] = round(backlog.publish_seconds, 3)
             daemon = DaemonProcess(workdir, broker.url, client_id, daemon_dsn, self.settings)
             meter = CpuMeter(env, broker)
@@ -155,7 +174,13 @@ class Ingestd(Scenario):
                 )
             finally:
                 row.details["exit_code"] = daemon.stop()
-        check_readings(env, dsn, readings, row)
+        if work is not None and row.seconds:
+            row.figures["messages_per_s"] = work.messages / row.seconds
+        for key in ("inflight", "inflight_bytes", "inflight_readings"):  # sampled once a second
+            seen = [p[key] for p in row.details.get("timeline", ()) if key in p]
+            if seen:
+                row.details[f"{key}_max_sampled"] = max(seen)
+        check_readings(env, dsn, readings, row, None if work is None else work.seq_sum)
         if row.details["exit_code"] != 0:
             raise ScenarioError(
                 f"ingestd exited {row.details['exit_code']} on SIGTERM:\n{daemon.log_tail()}"
@@ -202,6 +227,68 @@ class IngestdProxy(Ingestd):
 
     def delay_ms(self) -> float | None:
         return 0.0
+
+
+class IngestdArrayBacklog(Ingestd):
+    """A drain like ``ingestd`` whose backlog is JSON arrays (or, for the comparison, the same
+    readings one per message): ``--arrays`` messages (2,000) of 500 readings each, or as many
+    as fit under ``ingest.max_payload_bytes``. ``readings`` here counts readings, the table's
+    rate is readings/s, and the messages and msg/s are in the notes."""
+
+    compares_messages = False  # x ceil / x naive would compare readings/s with msg/s
+
+    def readings_for(self, requested: int) -> int:
+        work = self.workload()
+        assert work is not None
+        return work.readings
+
+    def note(self, summary: dict[str, Any]) -> str:
+        work = self.workload()
+        assert work is not None
+        low, high = work.per_message
+        avg = work.payload_bytes[0]
+        if high == 1:
+            return f"{work.messages:,} msgs of one reading, {avg:.0f} B"
+        per = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+        rate = summary.get("messages_per_s")
+        text = f"{work.messages:,} msgs x {per} readings, {avg / 1024:.1f} KiB"
+        return text + ("" if rate is None else f"; {rate:,.0f} msg/s")
+
+
+class IngestdArrays(IngestdArrayBacklog):
+    name = "ingestd-arrays"
+    describe = (
+        f"ingestd run, default settings: a backlog of --arrays (2,000) JSON arrays of"
+        f" {load.ARRAY_READINGS} readings (~28 KiB), each reading its own ts"
+    )
+
+    def workload(self) -> load.Workload:
+        return load.array_workload(self.options.arrays, per_message=load.ARRAY_READINGS)
+
+
+class IngestdNearLimit(IngestdArrayBacklog):
+    name = "ingestd-near-limit"
+    describe = (
+        f"ingestd run, default settings: --arrays (2,000) JSON arrays filled to just under"
+        f" ingest.max_payload_bytes ({MAX_PAYLOAD_BYTES:,} B; at most {NEAR_LIMIT_BYTES:,}):"
+        " ~1,150 readings each, stored in parts of database.batch_size"
+    )
+
+    def workload(self) -> load.Workload:
+        return load.array_workload(self.options.arrays, max_bytes=NEAR_LIMIT_BYTES)
+
+
+class IngestdSingles(IngestdArrayBacklog):
+    name = "ingestd-singles"
+    describe = (
+        f"ingestd run, default settings: the readings of ingestd-arrays (--arrays x"
+        f" {load.ARRAY_READINGS}), the same JSON objects, one per message"
+    )
+    compares_messages = True  # one reading per message: comparable with the ceiling
+
+    def workload(self) -> load.Workload:
+        n = self.options.arrays * load.ARRAY_READINGS
+        return load.array_workload(n, per_message=1, single=True)
 
 
 class ScaleOut(Scenario):
@@ -281,7 +368,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
     s.name: s
     for s in (
         Ceiling, Naive, Ingestd, IngestdNoEvents, IngestdWan, IngestdProxy, ScaleOut,
-        Latency, LatencyFloor, Soak, CatchUp,
+        IngestdArrays, IngestdNearLimit, IngestdSingles, Latency, LatencyFloor, Soak, CatchUp,
     )
 }  # fmt: skip
 DEFAULT_SCENARIOS = (

@@ -80,12 +80,16 @@ class Daemon:
         """Every sample of /metrics as {'name{labels}': value}."""
         status, text = self.http("/metrics")
         assert status == 200, f"/metrics answered {status}"
-        samples: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                samples[key] = float(value)
-        return samples
+        return _samples(text)
+
+    def scrape(self) -> dict[str, float] | None:
+        """``metrics()``, or None while nothing listens yet (the process must be alive)."""
+        self._check_alive()
+        status, text = self.http("/metrics")
+        if status == 0:
+            return None
+        assert status == 200, f"/metrics answered {status}"
+        return _samples(text)
 
     def metric(self, key: str) -> float:
         return self.metrics().get(key, 0.0)
@@ -115,6 +119,15 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _samples(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
 
 
 def paho_client(url_port: int, client_id: str = "", clean: bool = True) -> mqtt.Client:

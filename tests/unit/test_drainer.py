@@ -174,3 +174,26 @@ async def test_drainer_has_work_only_with_a_backlog_and_the_database_up(d: Drain
     assert d.drainer.has_work()
     assert d.drainer.stalled(later, 1.0)
     assert not d.drainer.stalled(time.monotonic(), 1000.0)
+
+
+async def test_drainer_replays_at_most_batch_size_readings_per_transaction(
+    d: Drainer, metrics: PipelineMetrics
+) -> None:
+    d.drainer.batch_size = 3
+    d.writer.up = False
+    spooled = [[row(second=i * 10 + j, message=raw(i)) for j in range(n)] for i, n in
+               enumerate([1, 2, 1, 1, 5, 1])]  # fmt: skip
+    for readings in spooled:
+        assert await d.storage.store(readings, []) is None
+    d.writer.up = True
+    task = d.running()
+    try:
+        await wait_until_async(lambda: d.spool.stats.batches == 0, 5)
+    finally:
+        await stop(task)
+    # Merged up to the bound; the batch of 5 (spooled by an earlier release) goes alone.
+    assert [len(readings) for readings, _ in d.writer.calls] == [3, 2, 5, 1]
+    assert [r for readings, _ in d.writer.calls for r in readings] == [
+        r for s in spooled for r in s
+    ]
+    assert metrics.stored == 11

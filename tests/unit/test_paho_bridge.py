@@ -13,7 +13,7 @@ from paho.mqtt.properties import Properties
 
 from daemon.mqtt_packets import decode_publish, encode_publish_qos0, remaining_length
 from daemon.paho_bridge import PahoBridge, _BufferedSocket
-from tests.harness.servers import Mosquitto, wait_until
+from tests.harness.servers import Mosquitto, wait_until, wait_until_async
 
 
 class FakeSocket:
@@ -266,3 +266,34 @@ async def test_publishes_with_and_without_v5_properties_arrive_in_order(
     tagged_payloads = {b"%d" % i for i in range(0, 60, 3)}
     assert tagged_payloads <= set(through_paho)  # properties: paho decodes them
     assert len(through_paho) < 60  # the rest took the bridge's decoder
+
+
+async def test_qos1_publishes_beyond_max_queued_bytes_are_refused_until_pubacks(
+    mosquitto: Mosquitto,
+) -> None:
+    subscriber = Subscriber(mosquitto.port, "bounded/#")
+    client = aiomqtt.Client("127.0.0.1", mosquitto.port)
+    bridge = PahoBridge(client, lambda *_publish: None, max_queued_bytes=3000)
+    bridge.begin_connection()
+    async with client:
+        bridge.take_over_reads()
+        kilobyte = b"k" * 1000
+        # No await in between: no PUBACK can arrive, so each one waits for its PUBACK.
+        results = [bridge.publish_nowait("bounded/k", kilobyte, 1) for _ in range(5)]
+        assert results == [True, True, True, False, False]
+        assert bridge.queued_bytes == 3000
+        assert bridge.publish_nowait("bounded/q0", b"qos 0 is not counted", 0)
+        await wait_until_async(lambda: bridge.queued_bytes == 0, 10)  # the PUBACKs free it
+        assert bridge.publish_nowait("bounded/k", kilobyte, 1)
+        await wait_until_async(lambda: bridge.queued_bytes == 0, 10)
+        huge = b"h" * 5000
+        assert bridge.publish_nowait("bounded/h", huge, 1)  # larger than the bound: alone
+        assert not bridge.publish_nowait("bounded/k", b"x", 1)  # ... nothing joins it
+        await wait_until_async(lambda: bridge.queued_bytes == 0, 10)
+        async with asyncio.timeout(10):  # aiomqtt's own QoS 1 publishes still complete
+            await client.publish("bounded/aiomqtt", b"a", qos=1)
+        await asyncio.to_thread(wait_until, lambda: len(subscriber.payloads) == 7, 10)
+    assert subscriber.payloads == [
+        kilobyte, kilobyte, kilobyte, b"qos 0 is not counted", kilobyte, huge, b"a",
+    ]  # fmt: skip
+    subscriber.close()

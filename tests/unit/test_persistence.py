@@ -20,7 +20,7 @@ from agents.storage import Storage
 from daemon.acks import AckTracker
 from daemon.metrics import IntakeMetrics
 from db.rows import ReadingRow, RejectionRow
-from db.writer import StorageError, WriteResult
+from db.writer import RowRejected, StorageError, WriteResult
 from edge.readings import BAD_TYPE, MALFORMED_JSON
 from tests.unit.fakes import (
     NOW,
@@ -93,13 +93,14 @@ async def test_persistence_writes_one_batch_then_settles(
     assert sample(metrics, "ingestd_batch_size_readings_count") == 1
     assert sample(metrics, "ingestd_batch_size_readings_sum") == 4
     assert sample(metrics, "ingestd_end_to_end_latency_seconds_count") == 4
-    stored, failed = drain(p.out)
+    failed, stored = drain(p.out)  # the rejections first, then the batch's last event
+    assert type(failed) is RejectionsStored
+    assert failed.rejections == [rejected]
     assert type(stored) is ReadingsStored
     assert [(r.ts.second, r.correlation_id) for r in stored.rows] == [
         (1, "corr-0"), (2, "corr-0"), (3, "corr-1"), (4, "corr-3"),
     ]  # fmt: skip
-    assert type(failed) is RejectionsStored
-    assert failed.rejections == [rejected]
+    assert stored.done == (0, 1, 2, 3)  # every message of the batch, the rejection too
 
 
 async def test_persistence_counts_duplicates_from_write_result(
@@ -121,14 +122,15 @@ async def test_persistence_counts_duplicates_from_write_result(
     assert p.settled.seqs == [0, 1, 2, 3]
 
 
-async def test_persistence_all_duplicates_publish_nothing_but_settle(
+async def test_persistence_all_duplicates_announce_no_rows_but_settle(
     persistence: Persistence, metrics: PipelineMetrics
 ) -> None:
     p = persistence
     p.writer.keys.add(("d1", "s1", NOW.replace(second=5)))
     await p.agent.handle([enriched(7, row(second=5))])
     assert p.settled.seqs == [7]
-    assert drain(p.out) == []
+    # No row to announce, but the message is done: its budget is released on this event.
+    assert drain(p.out) == [ReadingsStored([], done=(7,))]
     assert (metrics.stored, metrics.duplicates) == (0, 1)
 
 
@@ -445,3 +447,237 @@ def test_last_seen_tracks_a_bounded_number_of_devices(
     metrics.seen({"a", "d"}, 20.0)  # a known device is updated, a fourth is only counted
     assert metrics.last_seen == {"a": 20.0, "b": 10.0, "c": 10.0}
     assert sample(metrics, "ingestd_devices_untracked_total") == 1
+
+
+# ---------------------------------------------------------------- batches bounded in readings
+
+
+def carrying(seq: int, readings: int) -> EnrichedMessage:
+    """Message ``seq`` with ``readings`` rows, each of its own sensor (all new keys)."""
+    return enriched(seq, *(row(f"d{seq}", f"s{i}", float(i)) for i in range(readings)))
+
+
+def processed(events: list[Any]) -> tuple[list[str], list[int]]:
+    """The rows announced (as "corr-seq/sensor") and the seqs marked done, over ``events``."""
+    rows = [
+        f"{r.correlation_id}/{r.sensor_id}" for e in events if type(e) is ReadingsStored
+        for r in e.rows
+    ]  # fmt: skip
+    done = [seq for e in events if type(e) is ReadingsStored for seq in e.done]
+    return rows, done
+
+
+async def run_until_settled(agent: PersistenceAgent, settled: Settled, count: int) -> None:
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: len(settled.seqs) >= count, settled.changed)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_run_never_writes_more_than_batch_size_readings(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    writer, settled = FakeWriter(), Settled()
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    out = bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(bus, metrics, inbox, Storage(writer, None, metrics), settled, 5)
+    sizes = [1, 3, 2, 12, 1, 4, 5, 1, 6, 2, 2, 1]
+    items: list[EnrichedMessage | RejectedMessage] = [
+        carrying(seq, n) for seq, n in enumerate(sizes)
+    ]
+    items.insert(3, RejectedMessage(raw(100), BAD_TYPE, "bad", "d1"))  # counts as one
+    items.insert(9, RejectedMessage(raw(101), BAD_TYPE, "bad", "d1"))
+    for item in items:
+        inbox.put_nowait(item)
+    await run_until_settled(agent, settled, len(items))
+
+    assert settled.seqs == [item.message.seq for item in items]  # each once, receive order
+    assert all(len(readings) <= 5 for readings, _ in writer.calls)
+    assert all(len(readings) + len(rejections) <= 5 for readings, rejections in writer.calls)
+    assert [len(readings) for readings, _ in writer.calls if len(readings) == 5]  # filled up
+    written = [r for readings, _ in writer.calls for r in readings]
+    assert len(written) == sum(sizes) == len(set(written))  # every reading written once
+    assert len(writer.rejections) == 2
+    assert metrics.stored == sum(sizes)
+    assert sample(metrics, "ingestd_batch_size_readings_count") == len(writer.calls)
+    assert sample(metrics, "ingestd_batch_size_readings_sum") == sum(sizes)
+    assert sample(metrics, "ingestd_batch_size_readings_bucket", {"le": "5.0"}) == len(
+        writer.calls
+    )  # no write observed above batch_size
+    rows, done = processed(drain(out))
+    assert len(rows) == sum(sizes) == len(set(rows))
+    assert sorted(done) == sorted(item.message.seq for item in items)
+
+
+async def test_a_message_larger_than_batch_size_is_written_in_parts_then_settled(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    log: list[str] = []
+    writer, settled = FakeWriter(log), Settled(log)
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    out = bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(bus, metrics, inbox, Storage(writer, None, metrics), settled, 2)
+    rejected = RejectedMessage(raw(1), BAD_TYPE, "bad", "d1")
+    await agent.handle([carrying(0, 5), rejected])
+    # One transaction per part; the rejection goes with the first; the ack after the last.
+    assert log == ["write 0,0", "write 0,0", "write 0", "settle 0,1"]
+    assert [(len(r), len(j)) for r, j in writer.calls] == [(2, 1), (2, 0), (1, 0)]
+    assert [r.sensor_id for readings, _ in writer.calls for r in readings] == [
+        f"s{i}" for i in range(5)
+    ]  # in order, each once
+    assert sample(metrics, "ingestd_batch_size_readings_count") == 3
+    assert sample(metrics, "ingestd_batch_size_readings_sum") == 5
+    assert sample(metrics, "ingestd_end_to_end_latency_seconds_count") == 2  # per message
+    assert metrics.stored == 5
+    failed, stored = drain(out)  # announced once, when the whole message is stored
+    assert failed == RejectionsStored([rejected])
+    assert [r.sensor_id for r in stored.rows] == [f"s{i}" for i in range(5)]
+    assert stored.done == (0, 1)
+
+
+async def test_a_large_message_forms_a_batch_of_its_own(bus: Bus, metrics: PipelineMetrics) -> None:
+    log: list[str] = []
+    writer, settled = FakeWriter(log), Settled(log)
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(bus, metrics, inbox, Storage(writer, None, metrics), settled, 3)
+    for item in (carrying(0, 1), carrying(1, 7), carrying(2, 1), carrying(3, 1)):
+        inbox.put_nowait(item)
+    await run_until_settled(agent, settled, 4)
+    assert log == [
+        "write 0", "settle 0",  # message 1 does not fit: carried to the next batch
+        "write 1,1,1", "write 1,1,1", "write 1", "settle 1",
+        "write 2,3", "settle 2,3",
+    ]  # fmt: skip
+    assert not agent.has_work()
+
+
+async def test_a_parted_message_holds_back_the_acks_received_after_it(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    writer = GatedWriter([])
+    acked: list[int] = []
+    ack_sent = asyncio.Event()
+
+    def send_ack(mid: int, _qos: int) -> bool:
+        acked.append(mid)
+        ack_sent.set()
+        return True
+
+    tracker = AckTracker(100, send_ack, IntakeMetrics(metrics.registry))
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(
+        bus, metrics, inbox, Storage(writer, None, metrics), tracker.settle, 2,
+        batches_in_flight=2,
+    )  # fmt: skip
+    tracker.track(101, 1)  # seq 0: four readings, two parts
+    tracker.track(102, 1)  # seq 1: one reading
+    task = asyncio.create_task(agent.run())
+    try:
+        await put_when_taken(agent, writer, carrying(0, 4))
+        await put_when_taken(agent, writer, carrying(1, 1))
+        writer.gates[1].set()  # the later message commits first
+        writer.gates[0].set()  # the first part of the earlier one
+        await writer.wait_writes(3)  # its second part is being written
+        await give_the_loop_turns()
+        assert acked == []  # neither ack before the earlier message's last part
+        assert tracker.pending == 2
+        writer.gates[2].set()
+        await until(lambda: len(acked) >= 2, ack_sent)
+        assert acked == [101, 102]
+        assert metrics.stored == 5
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_done_lists_every_message_once_whatever_its_fate(
+    persistence: Persistence, metrics: PipelineMetrics
+) -> None:
+    p = persistence
+    p.agent.batch_size = 3
+    p.writer.refuse = lambda r: r.value == 666  # refused as data: isolated, a dead letter
+    p.writer.keys.add(("d4", "s0", NOW))  # stored before: a duplicate, no row to announce
+    batch = [
+        carrying(0, 2),
+        RejectedMessage(raw(1), BAD_TYPE, "bad", "d1"),
+        enriched(2, row("d2", "s0", 666.0), row("d2", "s1")),
+        carrying(3, 4),  # parts of 3 and 1
+        carrying(4, 1),
+    ]
+    await p.agent.handle(batch)
+    assert sorted(p.settled.seqs) == [0, 1, 2, 3, 4]
+    events = drain(p.out)
+    rows, done = processed(events)
+    assert sorted(done) == [0, 1, 2, 3, 4]  # every message exactly once
+    assert len(rows) == len(set(rows)) == 2 + 4  # message 2 is a dead letter, 4 a duplicate
+    failed = [r.message.seq for e in events if type(e) is RejectionsStored for r in e.rejections]
+    assert sorted(failed) == [1, 2]
+
+
+async def test_an_unstorable_message_is_settled_and_done_once(
+    persistence: Persistence, metrics: PipelineMetrics
+) -> None:
+    p = persistence
+    refused = RowRejected("invalid byte sequence")
+    p.writer.script = [refused, refused, refused, refused]  # batch, alone, dead letter, ASCII
+    await p.agent.handle([enriched(4)])
+    assert p.settled.seqs == [4]
+    assert sample(metrics, "ingestd_messages_unstorable_total") == 1
+    assert drain(p.out) == [ReadingsStored([], done=(4,))]
+
+
+@pytest.mark.timeout(10)
+async def test_a_crash_between_the_parts_of_a_message_loses_and_doubles_nothing(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    writer = FakeWriter()
+    acked: list[int] = []
+    settled = Settled()
+
+    def send_ack(mid: int, _qos: int) -> bool:
+        acked.append(mid)
+        return True
+
+    tracker = AckTracker(100, send_ack, IntakeMetrics(metrics.registry))
+
+    def settle(seqs: list[int]) -> None:
+        settled(seqs)
+        tracker.settle(seqs)
+
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    out = bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    agent = PersistenceAgent(bus, metrics, inbox, Storage(writer, None, metrics), settle, 2)
+    for mid in (101, 102, 103):
+        tracker.track(mid, 1)
+    for item in (carrying(0, 1), carrying(1, 5), carrying(2, 1)):
+        inbox.put_nowait(item)
+    # Message 0 commits; message 1's first part commits, its second part crashes the agent.
+    writer.script = [None, None, RuntimeError("boom")]
+    with pytest.raises(RuntimeError, match="boom"):
+        await agent.run()
+    assert acked == [101]
+    assert settled.seqs == [0]
+    assert len(writer.keys) == 1 + 2  # the first part is committed
+    assert agent.has_work()
+
+    await run_until_settled(agent, settled, 3)  # restarted: recovers message 1 first
+    assert settled.seqs == [0, 1, 2]  # each once
+    assert acked == [101, 102, 103]  # each once, in receive order
+    assert tracker.pending == 0
+    assert len(writer.keys) == 1 + 5 + 1  # every reading stored, once by its key
+    # The part committed before the crash comes back as duplicates on recovery, as a whole
+    # batch committed before a crash would.
+    assert (metrics.stored, metrics.duplicates) == (5, 2)
+    recovered = [len(readings) for readings, _ in writer.calls[3:]]
+    assert recovered == [2, 2, 1, 1]  # message 1 again, in parts, then message 2
+    assert all(len(readings) <= 2 for readings, _ in writer.calls)
+    rows, done = processed(drain(out))
+    assert sorted(done) == [0, 1, 2]
+    assert len(rows) == len(set(rows))  # no row announced twice
+    assert not agent.has_work()

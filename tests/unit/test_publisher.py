@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Iterable
 
 import pytest
 
@@ -22,12 +23,13 @@ def publisher(
     *,
     prefix: str = "ingestd",
     processed: bool = True,
+    release: Callable[[Iterable[int]], None] = lambda _done: None,
 ) -> Publisher:
     inbox = bus.inbox("publisher", 10, ReadingsStored, RejectionsStored)
     settings = EventSettings(
         prefix=prefix, processed=processed, processed_qos=0, failed_qos=1, max_payload_bytes=8
     )
-    return Publisher(bus, metrics, inbox, outbound, settings)
+    return Publisher(bus, metrics, inbox, outbound, settings, release)
 
 
 def test_every_event_kind_series_starts_at_zero(metrics: PipelineMetrics) -> None:
@@ -177,3 +179,54 @@ async def test_publisher_does_not_treat_an_unknown_event_as_a_failure(
 )
 def test_topic_segment(text: str | None, segment: str) -> None:
     assert topic_segment(text) == segment
+
+
+# ------------------------------------------------------------------------ the in-flight budget
+
+
+class Releases:
+    """The release callback: what was released, and how many events were sent by then."""
+
+    def __init__(self, outbound: FakeOutbound) -> None:
+        self.outbound = outbound
+        self.calls: list[tuple[tuple[int, ...], int]] = []
+
+    def __call__(self, done: Iterable[int]) -> None:
+        self.calls.append((tuple(done), len(self.outbound.sent)))
+
+
+@pytest.mark.parametrize("processed", [True, False])
+@pytest.mark.parametrize("accepted", [True, False])
+async def test_publisher_releases_done_messages_after_handling_their_event(
+    bus: Bus, metrics: PipelineMetrics, processed: bool, accepted: bool
+) -> None:
+    outbound = FakeOutbound(result=accepted)  # dropped events release as well
+    released = Releases(outbound)
+    agent = publisher(bus, metrics, outbound, processed=processed, release=released)
+    rejection = RejectedMessage(raw(2), "bad_type", "x", "d1")
+    await agent.handle(
+        [
+            RejectionsStored([rejection]),
+            ReadingsStored([row(second=1, message=raw(0)), row(second=2, message=raw(1))],
+                           done=(0, 1, 2)),
+            ReadingsStored([], done=(3,)),  # nothing new to announce, but done
+            ReadingsStored([row(second=5, message=raw(5))]),  # a spool replay: no message
+        ]
+    )  # fmt: skip
+    if processed:
+        # Released once its events were handed over: the failed one, then two processed.
+        assert released.calls == [((0, 1, 2), 3), ((3,), 3), ((), 4)]
+    else:
+        assert released.calls == [((0, 1, 2), 1), ((3,), 1), ((), 1)]
+    assert len(outbound.sent) == (4 if processed else 1)
+
+
+async def test_publisher_releases_nothing_for_rejections_alone(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    outbound = FakeOutbound()
+    released = Releases(outbound)
+    agent = publisher(bus, metrics, outbound, release=released)
+    await agent.handle([RejectionsStored([RejectedMessage(raw(2), "bad_type", "x", "d1")])])
+    assert len(outbound.sent) == 1
+    assert released.calls == []  # the batch's ReadingsStored, which follows, releases it

@@ -210,6 +210,60 @@ async def test_an_unreadable_record_is_quarantined_not_blocking(tmp_path: Path) 
     await spool.close()
 
 
+async def test_oldest_merges_batches_up_to_the_bound(spool: Spool) -> None:
+    sizes = [2, 2, 3, 1, 1]
+    start = 0
+    for size in sizes:
+        await spool.put([row(start + i) for i in range(size)], [])
+        start += size
+    taken = []
+    for bound in (4, 4, 4):  # 2+2 | 3+1 | 1
+        batch = await spool.oldest(max_readings=bound)
+        assert batch is not None
+        assert len(batch.readings) <= bound
+        taken.append([r.value for r in batch.readings])
+        await spool.delete(batch.ids)
+    assert taken == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # oldest first, none skipped or split
+    assert await spool.oldest(max_readings=4) is None
+
+
+async def test_oldest_returns_one_batch_even_if_it_alone_is_larger(spool: Spool) -> None:
+    await spool.put([row(i) for i in range(10)], [])
+    await spool.put([row(10)], [])
+    first = await spool.oldest(max_readings=3)
+    assert first is not None
+    assert len(first.ids) == 1  # never split, never stuck
+    assert [r.value for r in first.readings] == [float(i) for i in range(10)]
+    await spool.delete(first.ids)
+    second = await spool.oldest(max_readings=3)
+    assert second is not None
+    assert [r.value for r in second.readings] == [10.0]
+
+
+async def test_oldest_reads_no_body_beyond_the_bound(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(path, 1 << 20)
+    await spool.open()
+    try:
+        for i in range(3):
+            await spool.put([row(i)], [])
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute(
+                "UPDATE batches SET body = x'00ff' WHERE id = (SELECT max(id) FROM batches)"
+            )
+        batch = await spool.oldest(max_readings=2)
+        assert batch is not None
+        assert batch.readings == [row(0), row(1)]
+        assert spool.corrupt_files == 0  # the corrupt third body was not read
+        await spool.delete(batch.ids)
+        assert await spool.oldest(max_readings=2) is None  # now it is read: quarantined
+        assert spool.corrupt_files == 1
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 1
+    finally:
+        await spool.close()
+
+
 # ------------------------------------------------------------------ the spool in the pipeline
 
 
@@ -267,7 +321,10 @@ async def test_an_outage_spools_and_acks_then_the_drainer_replays(pipeline: Pipe
     assert p.sample("ingestd_database_up") == 0
     failed = p.events.get_nowait()
     assert isinstance(failed, RejectionsStored)  # the dead letter is durable: announced now
-    assert p.events.empty()  # spooled readings are announced when replayed, not before
+    done = p.events.get_nowait()
+    # Spooled readings are announced when replayed, not before; the messages are done.
+    assert done == ReadingsStored([], done=(0, 1, 2))
+    assert p.events.empty()
 
     task = asyncio.create_task(p.drainer.run())
     try:
@@ -282,6 +339,7 @@ async def test_an_outage_spools_and_acks_then_the_drainer_replays(pipeline: Pipe
         stored = p.events.get_nowait()
         assert isinstance(stored, ReadingsStored)
         assert stored.rows == [row(0), row(1)]
+        assert stored.done == ()  # a replay settles no message: their acks went out earlier
 
         await p.agent.handle([enriched(3)])  # the database is back: written directly
         assert p.settled[-1] == 3

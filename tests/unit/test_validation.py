@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from agents.budget import InflightBudget
 from agents.bus import Bus
 from agents.events import RawMessage, RejectedMessage, ValidatedMessage
 from agents.metrics import PipelineMetrics
@@ -11,7 +14,7 @@ from agents.reasons import INTERNAL_ERROR, PAYLOAD_TOO_LARGE, STALE_RETAINED, UN
 from agents.validation import ValidationAgent
 from daemon.config import SourceConfig
 from edge.readings import BAD_TYPE, MALFORMED_JSON, MISSING_VALUE, TOPIC_MISMATCH, Reading
-from tests.unit.fakes import NOW, drain, raw, routes
+from tests.unit.fakes import NOW, drain, give_the_loop_turns, raw, routes
 
 SOURCES = (
     SourceConfig(),
@@ -131,3 +134,68 @@ async def test_validation_reconfigure_applies_from_the_next_message(
     too_large = agent.validate(raw(2, payload=b'{"value": 12345.5}'))  # 18 bytes
     assert isinstance(too_large, RejectedMessage)
     assert too_large.reason == PAYLOAD_TOO_LARGE
+
+
+# ------------------------------------------------------------------------ the in-flight budget
+
+
+def array(count: int) -> bytes:
+    """A JSON array of ``count`` readings of one sensor, each with its own ts."""
+    items = ",".join(f'{{"value": {i}, "ts": "2026-11-27T07:00:{i:02d}Z"}}' for i in range(count))
+    return f"[{items}]".encode()
+
+
+async def test_validation_charges_the_budget_with_the_decoded_readings(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    budget = InflightBudget(1 << 30, 1000)
+    messages = [raw(0, payload=array(3)), raw(1, "nowhere"), raw(2), raw(3, payload=b"{")]
+    for message in messages:
+        budget.admit(message.seq, len(message.payload))
+    agent = ValidationAgent(
+        bus, metrics, bus.inbox("validation", 100, RawMessage), routes(*SOURCES), 1024, budget
+    )
+    out = bus.inbox("out", 10, ValidatedMessage, RejectedMessage)
+    await agent.handle(messages)
+    assert [type(r) for r in drain(out)] == [
+        ValidatedMessage, RejectedMessage, ValidatedMessage, RejectedMessage,
+    ]  # fmt: skip
+    assert budget.readings == 3 + 1  # a rejection carries no readings
+    budget.release([0])
+    assert budget.readings == 1  # message 0 was charged its three
+    budget.release([1, 3])
+    assert budget.readings == 1
+    budget.release([2])
+    assert (budget.bytes, budget.readings) == (0, 0)
+
+
+async def test_validation_waits_for_room_in_the_readings_budget(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    budget = InflightBudget(1 << 30, 4)
+    first, second = raw(0, payload=array(3)), raw(1, payload=array(2))
+    for message in (first, second):
+        budget.admit(message.seq, len(message.payload))
+    agent = ValidationAgent(
+        bus, metrics, bus.inbox("validation", 100, RawMessage), routes(*SOURCES), 1024, budget
+    )
+    out = bus.inbox("out", 10, ValidatedMessage, RejectedMessage)
+    handling = asyncio.create_task(agent.handle([first, second]))
+    try:
+        await give_the_loop_turns()
+        assert not handling.done()  # 3 + 2 readings > 4: the second waits, unpublished
+        assert [r.message.seq for r in drain(out)] == [0]
+        budget.release([0])  # the first message's events are out
+        await asyncio.wait_for(handling, 5)
+        assert [r.message.seq for r in drain(out)] == [1]
+        assert budget.readings == 2
+    finally:
+        handling.cancel()
+
+
+async def test_validation_without_a_budget_never_waits(bus: Bus, metrics: PipelineMetrics) -> None:
+    agent = validation(bus, metrics, max_payload_bytes=4096)
+    out = bus.inbox("out", 10, ValidatedMessage, RejectedMessage)
+    async with asyncio.timeout(5):
+        await agent.handle([raw(seq, payload=array(50)) for seq in range(3)])
+    assert [len(r.readings) for r in drain(out)] == [50, 50, 50]
