@@ -24,6 +24,7 @@ __all__ = [
     "MISSING_VALUE",
     "NOT_UTF8",
     "TOPIC_MISMATCH",
+    "PartialPayloadError",
     "PayloadError",
     "Reading",
     "format_ts",
@@ -53,10 +54,21 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class PayloadError(IngestdError):
     """A payload that cannot become readings; ``reason`` is a stable machine code."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, device_id: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.device_id = device_id  # when the decoder knows it (else the topic's field)
+
+
+class PartialPayloadError(PayloadError):
+    """Part of a payload is bad: ``readings`` are the good rest, to be stored anyway."""
+
+    def __init__(
+        self, reason: str, message: str, readings: list[Reading], device_id: str | None = None
+    ) -> None:
+        super().__init__(reason, message, device_id)
+        self.readings = readings
 
 
 @dataclass(slots=True)
@@ -66,7 +78,7 @@ class Reading:
     device_id: str
     sensor_id: str
     ts: datetime
-    value: float
+    value: float | None  # None exactly when value_text is set
     unit: str | None = None
     quality: str | None = None
     seq: int | None = None
@@ -74,6 +86,7 @@ class Reading:
     area: str | None = None
     line: str | None = None
     asset: str | None = None
+    value_text: str | None = None  # a non-numeric value (Sparkplug strings, arrays, DataSets)
 
 
 def parse_ts(raw: Any, at: str = "") -> datetime:

@@ -26,7 +26,7 @@ __all__ = [
     "broker_address",
 ]
 
-PayloadFormat = Literal["json", "value"]
+PayloadFormat = Literal["json", "value", "sparkplug"]
 
 
 class SimulatorError(IngestdError):
@@ -55,6 +55,12 @@ class SimulatorOptions:
     client_id: str | None = None
     batch: int = 1  # readings per JSON message, sent as an array when > 1
     connect_timeout: float = 5.0  # seconds to keep retrying the first connection
+    # --format sparkplug: one edge node spBv1.0/{group}/.../{edge_node} with `devices`
+    # devices of `metrics` metrics each; its first NBIRTH carries bdSeq `bdseq`.
+    group: str = "plant"
+    edge_node: str = "edge1"
+    metrics: int = 4
+    bdseq: int = 0
 
     def __post_init__(self) -> None:
         problems = [
@@ -65,7 +71,10 @@ class SimulatorOptions:
                 (self.count is not None and self.count < 0, "count must be >= 0"),
                 (self.duration is not None and not self.duration >= 0, "duration must be >= 0"),
                 (not 0.0 <= self.bad_ratio <= 1.0, "bad_ratio must be within 0..1"),
-                (self.format not in get_args(PayloadFormat), "format must be json or value"),
+                (
+                    self.format not in get_args(PayloadFormat),
+                    "format must be json, value or sparkplug",
+                ),
                 (self.qos not in (0, 1, 2), "qos must be 0, 1 or 2"),
                 (self.batch < 1, "batch must be at least 1"),
                 (self.batch > 1 and self.format != "json", "batch needs the json format"),
@@ -74,12 +83,20 @@ class SimulatorOptions:
                     "topic_prefix must be a non-empty topic without wildcards",
                 ),
                 (not self.connect_timeout >= 0, "connect_timeout must be >= 0"),
+                (not _is_topic_level(self.group), "group must be one topic level"),
+                (not _is_topic_level(self.edge_node), "edge_node must be one topic level"),
+                (self.metrics < 1, "metrics must be at least 1"),
+                (not 0 <= self.bdseq <= 255, "bdseq must be within 0..255"),
             )
             if bad
         ]
         if problems:
             raise ValueError("; ".join(problems))
         broker_address(self.url)
+
+
+def _is_topic_level(text: str) -> bool:
+    return bool(text) and not any(char in text for char in "/+#")
 
 
 def broker_address(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -105,6 +122,7 @@ class Message:
     payload: bytes
     readings: int  # good readings it carries; 0 when bad
     reason: str | None = None  # the reason the daemon must reject it with; None when good
+    qos: int | None = None  # None: the run's qos (Sparkplug sets its own, per the spec)
 
 
 @dataclass(slots=True)

@@ -5,8 +5,9 @@ an end-to-end test can compare the report with the daemon's ``rejected_messages`
 
 This module paces the run and holds the command line; the parts live beside it:
 ``edge.simulation`` (options, message, report, error), ``edge.payloads`` (good and bad
-payloads, ``MessageFactory``) and ``edge.publishing`` (the MQTT client side). Their public
-names are re-exported here.
+payloads, ``MessageFactory``), ``edge.sparkplug_node`` (``--format sparkplug``: an edge
+node with devices) and ``edge.publishing`` (the MQTT client side). Their public names are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from edge.simulation import (
     SimulatorOptions,
     broker_address,
 )
+from edge.sparkplug_node import SPARKPLUG_BAD_REASONS, SparkplugNode
 
 __all__ = [
     "JSON_BAD_REASONS",
+    "SPARKPLUG_BAD_REASONS",
     "VALUE_BAD_REASONS",
     "Message",
     "MessageFactory",
@@ -49,6 +52,7 @@ __all__ = [
     "SimulationReport",
     "SimulatorError",
     "SimulatorOptions",
+    "SparkplugNode",
     "add_arguments",
     "bad_payload",
     "bad_variants",
@@ -109,16 +113,23 @@ async def simulate(
     stop = stop or asyncio.Event()
     report = SimulationReport()
     link = BrokerLink(options, report.count)
+    node = SparkplugNode(options) if options.format == "sparkplug" else None
+    if node is not None:
+        node.attach(link)  # its will and NCMD handler, before connecting
     relay = asyncio.create_task(_relay(stop, link.wake), name="simulator-stop-relay")
     start = time.monotonic()
     try:
         if not await connect_with_retry(link, options.connect_timeout, stop):
             return report
         start = time.monotonic()
-        factory = MessageFactory(options)
+        factory = node or MessageFactory(options)
+        if node is not None:
+            node.online(link, datetime.now(UTC))
         await _pump(
             link, factory, options, stop, start=start, report=report, on_progress=on_progress
         )
+        if node is not None and link.lost is None:
+            link.publish(node.death(datetime.now(UTC)), 1)  # a clean stop announces itself
         await link.drain(_DRAIN_TIMEOUT)
     finally:
         relay.cancel()
@@ -138,7 +149,7 @@ async def _relay(stop: asyncio.Event, wake: asyncio.Event) -> None:
 
 async def _pump(
     link: BrokerLink,
-    factory: MessageFactory,
+    factory: MessageFactory | SparkplugNode,
     options: SimulatorOptions,
     stop: asyncio.Event,
     *,
@@ -161,7 +172,8 @@ async def _pump(
         burst = int(min(pacer.due(now), _WINDOW - link.in_flight, limit - pacer.sent))
         if burst > 0:
             for _ in range(burst):
-                link.publish(factory.next(datetime.now(UTC)), options.qos)
+                message = factory.next(datetime.now(UTC))
+                link.publish(message, options.qos if message.qos is None else message.qos)
             pacer.sent += burst
             await asyncio.sleep(0)  # let the loop write them and read acks
             continue
@@ -204,6 +216,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-id", help="MQTT client id (default: a unique one)")
     parser.add_argument(
         "--batch", type=int, default=defaults.batch, help="readings per JSON message (array)"
+    )
+    parser.add_argument("--group", default=defaults.group, help="Sparkplug group id")
+    parser.add_argument("--edge-node", default=defaults.edge_node, help="Sparkplug edge node id")
+    parser.add_argument(
+        "--metrics", type=int, default=defaults.metrics, help="Sparkplug metrics per device"
+    )
+    parser.add_argument(
+        "--bdseq", type=int, default=defaults.bdseq, help="Sparkplug bdSeq of the first session"
     )
     parser.add_argument(
         "--connect-timeout",
