@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint install binaries clean
+.PHONY: demo test bench bench-nab lint install binaries clean proto
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -29,11 +29,20 @@ test: install binaries
 bench: install binaries
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# The anomaly detector's NAB score (needs ../shared/data/nab and ../shared/nab; bench/README.md).
+bench-nab: install
+	$(BIN)/python -m bench.nab $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# Regenerate edge/sparkplug_b_pb2.py and its typed stub (.pyi) from edge/sparkplug_b.proto;
+# both are committed, and a unit test checks they match what this produces.
+proto: install
+	VENV_BIN=$(BIN) scripts/gen-proto.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache var

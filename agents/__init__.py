@@ -2,7 +2,7 @@
 
 from agents.base import Agent, Service
 from agents.bus import Bus, Inbox, UnroutedEventError
-from agents.decoding import DECODERS, Decoder, DecoderContext, Route, Router
+from agents.decoding import Decoder, DecoderContext, Route, Router
 from agents.drainer import SpoolDrainer
 from agents.enrichment import EnrichmentAgent
 from agents.events import (
@@ -13,6 +13,7 @@ from agents.events import (
     RejectionsStored,
     ValidatedMessage,
 )
+from agents.formats import DECODERS
 from agents.metrics import PipelineMetrics
 from agents.outbound import Outbound
 from agents.persistence import PersistenceAgent

@@ -9,19 +9,20 @@ request) gets what it needs when it is built (``DecoderContext``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from agents.cache import BoundedCache
 from agents.events import RawMessage
+from agents.metrics import PipelineMetrics
 from agents.outbound import Outbound
 from edge.codecs import decode_json, decode_value
 from edge.readings import Reading
 from edge.topics import TopicTemplate, topic_matches
 
-__all__ = ["DECODERS", "Decoder", "DecoderContext", "Route", "Router"]
+__all__ = ["Decoder", "DecoderContext", "JsonDecoder", "Route", "Router", "ValueDecoder"]
 
 # Topics seen are cached with their route (see BoundedCache).
 _TOPIC_CACHE_LIMIT = 100_000
@@ -36,10 +37,14 @@ class Decoder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DecoderContext:
-    """What a decoder may need besides the message: a way out, and a place for state."""
+    """What a decoder may need besides the message: a way out, a place for state, metrics,
+    and the settings of the formats that have some."""
 
     outbound: Outbound
     state_dir: Path
+    metrics: PipelineMetrics
+    prefix: str = "ingestd"  # outbound topics, e.g. {prefix}/devices/{device_id}/state
+    rebirth_cooldown_seconds: float = 5.0  # Sparkplug: at most one rebirth request per node
 
 
 class JsonDecoder:
@@ -62,12 +67,6 @@ class ValueDecoder:
         return decode_value(message.payload, fields, message.received_at)
 
 
-DECODERS: dict[str, Callable[[DecoderContext], Decoder]] = {
-    "json": JsonDecoder,
-    "value": ValueDecoder,
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Route:
     """One source: its MQTT filter, its topic template and its decoder."""
@@ -75,13 +74,14 @@ class Route:
     topic_filter: str
     template: TopicTemplate
     decoder: Decoder
+    format: str = ""  # the name the decoder was chosen by
 
 
 class Router:
     """Finds the route a topic belongs to, first match wins, and the topic's named fields."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self._routes = list(routes)
+        self.routes = list(routes)
         self._cache: BoundedCache[str, tuple[Route, dict[str, str]] | None] = BoundedCache(
             _TOPIC_CACHE_LIMIT
         )
@@ -93,7 +93,7 @@ class Router:
         except KeyError:
             pass
         found = None
-        for route in self._routes:
+        for route in self.routes:
             if topic_matches(route.topic_filter, topic):
                 fields = route.template.match(topic)
                 if fields is not None:

@@ -36,14 +36,16 @@ class EnrichmentAgent(Agent):
         for validated in batch:
             message = validated.message
             rows = [self.enrich(reading, message) for reading in validated.readings]
-            await self.bus.publish(EnrichedMessage(message, rows))
+            await self.bus.publish(EnrichedMessage(message, rows, validated.partial))
 
     def enrich(self, reading: Reading, message: RawMessage) -> ReadingRow:
         """The row of one reading: what it says, then what the registry knows."""
         info = self.registry.lookup(reading.device_id, reading.sensor_id) or _UNKNOWN
         quality = reading.quality
-        low, high = info.min_value, info.max_value
-        if (low is not None and reading.value < low) or (high is not None and reading.value > high):
+        low, high, value = info.min_value, info.max_value, reading.value
+        if value is not None and (
+            (low is not None and value < low) or (high is not None and value > high)
+        ):
             quality = OUT_OF_RANGE  # the range check outranks what the device says about itself
         return ReadingRow(
             reading.device_id,
@@ -60,6 +62,7 @@ class EnrichmentAgent(Agent):
             info.sensor_type,
             message.received_at,
             message.correlation_id,
+            reading.value_text,
         )
 
     async def recover(self, held: list[ValidatedMessage]) -> None:

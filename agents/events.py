@@ -40,17 +40,20 @@ class RawMessage(NamedTuple):
 
 
 class ValidatedMessage(NamedTuple):
-    """A message whose payload decoded into readings."""
+    """A message whose payload decoded into readings (``partial``: what of it was bad)."""
 
     message: RawMessage
     readings: list[Reading]
+    partial: RejectedMessage | None = None
 
 
 class EnrichedMessage(NamedTuple):
-    """A message's readings as rows to store, with registry metadata and quality."""
+    """A message's readings as rows to store, with registry metadata and quality; a bad
+    part of it is stored as a rejection in the same transaction (one settle, one ack)."""
 
     message: RawMessage
     rows: list[ReadingRow]
+    partial: RejectedMessage | None = None
 
 
 class RejectedMessage(NamedTuple):

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from agents.reasons import REASONS
 from db.writer import ERROR_KINDS
+from edge.sparkplug import SKIP_REASONS
 
 __all__ = ["EVENT_KINDS", "LATENCY_BUCKETS", "MAX_TRACKED_DEVICES", "PipelineMetrics"]
 
@@ -41,6 +42,7 @@ class PipelineMetrics:
         self._declare_queues(registry)
         self._declare_storage(registry)
         self._declare_agents(registry)
+        self._declare_sparkplug(registry)
 
     def seen(self, device_ids: Iterable[str], now: float) -> None:
         """Record that these devices' readings were just made durable."""
@@ -170,6 +172,47 @@ class PipelineMetrics:
         self.agent_alive = Gauge(
             "ingestd_agent_up", "1 while an agent runs.", ("agent",), registry=registry
         )
+
+    def _declare_sparkplug(self, registry: CollectorRegistry) -> None:
+        self.sparkplug_skipped = Counter(
+            "ingestd_sparkplug_metrics_skipped_total",
+            "Sparkplug metrics not stored as readings (bytes, file, null, transient, template"
+            " definitions), by reason.",
+            ("reason",),
+            registry=registry,
+        )
+        for reason in (*SKIP_REASONS, "definition"):
+            self.sparkplug_skipped.labels(reason)
+        self.sparkplug_seq_errors = Counter(
+            "ingestd_sparkplug_seq_errors_total",
+            "Sparkplug messages whose seq was not the next one of their edge node.",
+            registry=registry,
+        )
+        self.sparkplug_rebirth_requests = Counter(
+            "ingestd_sparkplug_rebirth_requests_total",
+            "Rebirth requests (NCMD Node Control/Rebirth) sent to edge nodes.",
+            registry=registry,
+        )
+        self.sparkplug_stale_deaths = Counter(
+            "ingestd_sparkplug_stale_deaths_total",
+            "NDEATHs whose bdSeq is not the current birth's: ignored.",
+            registry=registry,
+        )
+        self.sparkplug_nodes = Gauge(
+            "ingestd_sparkplug_edge_nodes",
+            "Sparkplug edge nodes known, by state (online, offline).",
+            ("state",),
+            registry=registry,
+        )
+        self.sparkplug_devices = Gauge(
+            "ingestd_sparkplug_devices",
+            "Sparkplug devices known, by state (online, offline).",
+            ("state",),
+            registry=registry,
+        )
+        for state in ("online", "offline"):
+            self.sparkplug_nodes.labels(state)
+            self.sparkplug_devices.labels(state)
 
 
 class _ReadingCounters(Collector):

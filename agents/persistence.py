@@ -139,7 +139,9 @@ class PersistenceAgent(Agent):
         # guard stores them once too.
         for item in held:
             if isinstance(item, RejectedMessage):
-                await self._store_alone(item._replace(message=item.message._replace(dup=True)))
+                await self._store_alone(_redelivered(item))
+            elif item.partial is not None:
+                await self._store_alone(item._replace(partial=_redelivered(item.partial)))
             else:
                 await self._store_alone(item)
 
@@ -180,6 +182,8 @@ class PersistenceAgent(Agent):
             match item:
                 case EnrichedMessage():
                     readings += item.rows
+                    if item.partial is not None:
+                        rejections.append(rejection_row(item.partial, self.max_payload_bytes))
                 case RejectedMessage():
                     rejections.append(rejection_row(item, self.max_payload_bytes))
                 case _:
@@ -224,6 +228,9 @@ class PersistenceAgent(Agent):
             match item:
                 case EnrichedMessage():
                     stored += [row for row in item.rows if next(flags)]
+                    if item.partial is not None:
+                        rejections.append(item.partial)
+                        self.metrics.rejected.labels(item.partial.reason).inc()
                 case RejectedMessage():
                     rejections.append(item)
                     self.metrics.rejected.labels(item.reason).inc()
@@ -264,6 +271,10 @@ def _ascii_safe(rejection: RejectedMessage) -> RejectedMessage:
     return RejectedMessage(
         message, rejection.reason, escape(rejection.error) or "", escape(rejection.device_id)
     )
+
+
+def _redelivered(rejection: RejectedMessage) -> RejectedMessage:
+    return rejection._replace(message=rejection.message._replace(dup=True))
 
 
 def _size(item: Item) -> int:

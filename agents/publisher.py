@@ -106,6 +106,7 @@ class Publisher(Agent):
                 "sensor_id": row.sensor_id,
                 "ts": format_ts(row.ts),
                 "value": row.value,
+                "value_text": row.value_text,
                 "unit": row.unit,
                 "quality": row.quality,
                 "seq": row.seq,

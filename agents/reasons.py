@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edge.readings import DECODER_REASONS
+from edge.sparkplug import SPARKPLUG_REASONS
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -21,6 +22,6 @@ INTERNAL_ERROR = "internal_error"
 
 # Every reason a rejection can carry: the metric's label values, known from the start.
 REASONS = (
-    *DECODER_REASONS, UNKNOWN_TOPIC, PAYLOAD_TOO_LARGE, STALE_RETAINED, STORAGE_REJECTED,
-    INTERNAL_ERROR,
+    *DECODER_REASONS, *SPARKPLUG_REASONS, UNKNOWN_TOPIC, PAYLOAD_TOO_LARGE, STALE_RETAINED,
+    STORAGE_REJECTED, INTERNAL_ERROR,
 )  # fmt: skip

@@ -12,7 +12,7 @@ from agents.events import RawMessage, RejectedMessage, ValidatedMessage
 from agents.metrics import PipelineMetrics
 from agents.reasons import INTERNAL_ERROR, PAYLOAD_TOO_LARGE, STALE_RETAINED, UNKNOWN_TOPIC
 from edge.codecs import has_own_ts
-from edge.readings import PayloadError
+from edge.readings import PartialPayloadError, PayloadError
 
 __all__ = ["ValidationAgent"]
 
@@ -38,20 +38,23 @@ class ValidationAgent(Agent):
 
     def reconfigure(self, router: Router, max_payload_bytes: int) -> None:
         """New routes and size limit, applied from the next message on (SIGHUP)."""
-        self._router = router
+        self.router = router
         self._max_payload_bytes = max_payload_bytes
 
     async def handle(self, batch: list[RawMessage]) -> None:
-        publish, charge = self.bus.publish, self.budget.charge
+        publish, budget = self.bus.publish, self.budget
         for message in batch:
             outcome = self.validate(message)
-            if isinstance(outcome, ValidatedMessage):
-                # Waits while the readings in flight are at their budget (backpressure).
-                await charge(message.seq, len(outcome.readings))
+            if type(outcome) is ValidatedMessage:
+                count = len(outcome.readings)
+                if budget.has_room(count):
+                    budget.charge_now(message.seq, count)
+                else:  # wait while the readings in flight are at their budget (backpressure)
+                    await budget.charge(message.seq, count)
             await publish(outcome)
 
     def validate(self, message: RawMessage) -> ValidatedMessage | RejectedMessage:
-        found = self._router.route(message.topic)
+        found = self.router.route(message.topic)
         if found is None:
             return RejectedMessage(
                 message, UNKNOWN_TOPIC, f"topic {message.topic!r} matches no configured source"
@@ -66,10 +69,14 @@ class ValidationAgent(Agent):
                 f"payload is {size} bytes, the limit is {self._max_payload_bytes}",
                 device_id,
             )
+        partial = None
         try:
             readings = route.decoder.decode(message, fields)
+        except PartialPayloadError as exc:  # one bad metric never loses the others
+            readings = exc.readings
+            partial = RejectedMessage(message, exc.reason, exc.message, exc.device_id or device_id)
         except PayloadError as exc:
-            return RejectedMessage(message, exc.reason, exc.message, device_id)
+            return RejectedMessage(message, exc.reason, exc.message, exc.device_id or device_id)
         if message.retain and not all(has_own_ts(r, message.received_at) for r in readings):
             # A retained copy is replayed on every (re)subscribe: stamped with the receive
             # time it would become a new row each time.
@@ -80,7 +87,7 @@ class ValidationAgent(Agent):
                 " or without the retain flag",
                 device_id,
             )
-        return ValidatedMessage(message, readings)
+        return ValidatedMessage(message, readings, partial)
 
     async def recover(self, held: list[RawMessage]) -> None:
         # Whatever made validation crash must not crash it again: store these as rejections.

@@ -1,9 +1,10 @@
-"""The ``ingestd`` command line: run, migrate, check-config, simulate, demo."""
+"""The ``ingestd`` command line: run, migrate, check-config, simulate, demo, anomaly replay."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     stats = spool_commands.add_parser("stats", help="print what waits in the spool (JSON)")
     stats.add_argument("-c", "--config", type=Path, help="TOML file")
 
+    anomaly = command("anomaly", _anomaly_replay, "the streaming anomaly detector, offline")
+    anomaly_commands = anomaly.add_subparsers(
+        dest="anomaly_command", metavar="COMMAND", required=True
+    )
+    _add_replay(anomaly_commands)
+
     from edge import simulator  # noqa: PLC0415 - keeps `ingestd run` from importing the simulator
 
     simulator.add_arguments(
@@ -71,6 +78,63 @@ def _parser() -> argparse.ArgumentParser:
         command("demo", demo.run, "broker + simulator + daemon on the embedded defaults")
     )
     return parser
+
+
+REPLAY_HELP = """\
+Run the streaming anomaly detector, with a fresh state, over a CSV of one series' readings,
+as the daemon would judge them live (time is each row's timestamp, never the clock).
+
+Input columns (a header row names them, in any order; other columns are ignored):
+  timestamp   ISO-8601 (2026-11-27T07:30:00Z, +01:00 offsets) or YYYY-MM-DD HH:MM:SS;
+              without an offset it is UTC
+  value       a finite number
+
+Output columns (stdout, or --out FILE), one row per input row:
+  timestamp      the input's text
+  value          the input's text
+  anomaly_score  0..1, six decimals; reported only where it beats the previous 200 rows'
+  alert          1 on the row where an alert opens (score >= alert_threshold, no alert
+                 in the previous cooldown rows), else 0
+
+Bad input (missing file, no header, a bad timestamp or value, NaN or infinity) stops the
+replay with one line naming the file and line, and exit status 1. docs/anomaly.md has the
+settings --set can change."""
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="the detector over a timestamp,value CSV",
+        description=REPLAY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("file", type=Path, metavar="FILE.csv", help="timestamp,value CSV")
+    replay.add_argument("--out", type=Path, metavar="FILE", help="write here, not to stdout")
+    replay.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change a detector setting, e.g. --set cooldown=600 (repeatable)",
+    )
+
+
+def _anomaly_replay(args: argparse.Namespace) -> int:
+    from agents.anomaly.replay import ReplayError, parse_settings, replay, replay_to_path  # noqa: PLC0415
+
+    try:
+        settings = parse_settings(args.set)
+        if args.out is None:
+            replay(args.file, sys.stdout, settings)
+        else:
+            replay_to_path(args.file, args.out, settings)
+    except ReplayError as exc:
+        print(f"ingestd: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `ingestd anomaly replay x.csv | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Config | None:

@@ -9,6 +9,7 @@ wired, never by callables written into a metrics object.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
@@ -22,6 +23,7 @@ from db.spool import Spool
 __all__ = [
     "DISCONNECT_CAUSES",
     "BudgetCollector",
+    "ConnectionMetrics",
     "IntakeMetrics",
     "Metrics",
     "ReadinessCollector",
@@ -32,26 +34,39 @@ __all__ = [
 DISCONNECT_CAUSES = ("connect_failed", "lost")
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionMetrics:
+    """The series of one broker connection (``connection`` label: main, sparkplug)."""
+
+    connected: Gauge
+    connects: Counter
+    disconnects: dict[str, Counter]  # by cause
+
+
 class IntakeMetrics:
-    """The broker connection, the in-flight window and the acknowledgements."""
+    """The broker connections, the in-flight window and the acknowledgements."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.received = 0  # plain integers: touched once per message
         self.acks_sent = 0
         self.mqtt_connected = Gauge(
-            "ingestd_mqtt_connected", "1 while connected to the broker.", registry=registry
+            "ingestd_mqtt_connected",
+            "1 while connected to the broker, by connection.",
+            ("connection",),
+            registry=registry,
         )
         self.mqtt_connects = Counter(
-            "ingestd_mqtt_connects_total", "Successful broker connects.", registry=registry
+            "ingestd_mqtt_connects_total",
+            "Successful broker connects, by connection.",
+            ("connection",),
+            registry=registry,
         )
         self.mqtt_disconnects = Counter(
             "ingestd_mqtt_disconnects_total",
-            "Connections lost or refused, by cause.",
-            ("cause",),
+            "Connections lost or refused, by connection and cause.",
+            ("connection", "cause"),
             registry=registry,
         )
-        for cause in DISCONNECT_CAUSES:
-            self.mqtt_disconnects.labels(cause)
         self.acks_discarded = Counter(
             "ingestd_acks_discarded_total",
             "Acknowledgements not sent because their connection was gone (the broker redelivers).",
@@ -68,6 +83,14 @@ class IntakeMetrics:
             registry=registry,
         )
         registry.register(_IntakeCounters(self))
+
+    def connection(self, name: str) -> ConnectionMetrics:
+        """The series of connection ``name``, declared (at 0) on first use."""
+        return ConnectionMetrics(
+            self.mqtt_connected.labels(name),
+            self.mqtt_connects.labels(name),
+            {cause: self.mqtt_disconnects.labels(name, cause) for cause in DISCONNECT_CAUSES},
+        )
 
 
 class Metrics:
@@ -107,21 +130,21 @@ class Window(Protocol):
 
 
 class WindowCollector(Collector):
-    """The in-flight window and what fills it, read at scrape time."""
+    """The in-flight windows (one per broker connection) and what fills them, summed."""
 
-    def __init__(self, tracker: Window) -> None:
-        self._tracker = tracker
+    def __init__(self, trackers: list[Window]) -> None:
+        self._trackers = trackers
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "ingestd_inflight_messages",
             "Messages received, not yet acknowledged.",
-            value=self._tracker.pending,
+            value=sum(tracker.pending for tracker in self._trackers),
         )
         yield GaugeMetricFamily(
             "ingestd_inflight_window",
-            "The in-flight window ingestd enforces.",
-            value=self._tracker.window,
+            "The in-flight window ingestd enforces (per broker connection, summed).",
+            value=sum(tracker.window for tracker in self._trackers),
         )
 
 

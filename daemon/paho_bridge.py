@@ -102,14 +102,7 @@ class PahoBridge:
         self.max_queued_bytes = max_queued_bytes
         self.queued_bytes = 0
         self._queued: dict[int, int] = {}  # mid -> payload bytes
-        acknowledged = self._paho.on_publish  # aiomqtt's: completes its publish() futures
-
-        def on_puback(client: paho.Client, userdata: Any, mid: int, *args: Any) -> None:
-            self.queued_bytes -= self._queued.pop(mid, 0)
-            if acknowledged is not None:
-                acknowledged(client, userdata, mid, *args)
-
-        self._paho.on_publish = on_puback
+        self._count_pubacks()
         self._loop = asyncio.get_running_loop()
         self._fd = -1
         self._sock: _BufferedSocket | None = None
@@ -144,6 +137,17 @@ class PahoBridge:
             )
 
         self._paho.on_message = deliver
+
+    def _count_pubacks(self) -> None:
+        """Free a QoS 1 publish's bytes at its PUBACK, then let aiomqtt see it too."""
+        acknowledged = self._paho.on_publish  # aiomqtt's: completes its publish() futures
+
+        def on_puback(client: paho.Client, userdata: Any, mid: int, *args: Any) -> None:
+            self.queued_bytes -= self._queued.pop(mid, 0)
+            if acknowledged is not None:
+                acknowledged(client, userdata, mid, *args)
+
+        self._paho.on_publish = on_puback
 
     # -- connection ------------------------------------------------------------------------
 

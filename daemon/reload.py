@@ -27,7 +27,7 @@ LIVE = ("log", "ingest", "publish")
 # the sources make.
 RECONNECT = ("mqtt",)
 # Held by open files, sockets and pools: kept until the next restart.
-RESTART = ("database", "spool", "metrics", "daemon")
+RESTART = ("database", "spool", "metrics", "daemon", "sparkplug")
 
 
 def changes(old: Config, new: Config) -> dict[str, list[str]]:
@@ -65,13 +65,24 @@ async def reload(daemon: Daemon, config_file: Path | None, device_table: DeviceR
     except (ConfigError, RegistryError) as exc:
         log.error("reload refused, running config kept", extra={"error": str(exc)})  # noqa: TRY400
         return
+    if bool(new.sparkplug_sources) != bool(daemon.config.sparkplug_sources):
+        # The Sparkplug host is a connection of its own: opened or closed at start only.
+        log.error(
+            "reload refused: adding or removing every sparkplug source needs a restart",
+            extra={"error": "sparkplug sources changed"},
+        )
+        return
     changed = changes(daemon.config, new)
     old = daemon.config
     setup_logging(new.log.level, new.log.format)
     limit = new.ingest.max_payload_bytes
-    daemon.validation.reconfigure(build_routes(new, daemon.source), limit)
+    intake = daemon.intake
+    routes = build_routes(
+        new, intake.host_outbound, daemon.metrics.pipeline, daemon.validation.router
+    )
+    daemon.validation.reconfigure(routes, limit)
     daemon.persistence.max_payload_bytes = limit
-    daemon.source.budget.resize(
+    daemon.intake.budget.resize(
         daemon.config.mqtt.max_inflight_bytes, new.ingest.max_inflight_readings, limit
     )  # the byte budget is the broker connection's: it changes with a reconnect
     daemon.publisher.reconfigure(event_settings(new))
@@ -91,4 +102,4 @@ async def reload(daemon: Daemon, config_file: Path | None, device_table: DeviceR
     # Keep reporting what actually runs for the sections that wait for a restart.
     daemon.config = new.model_copy(update={s: getattr(old, s) for s in pending})
     if needs_reconnect(changed):
-        await daemon.source.reconfigure(daemon.config)
+        await daemon.intake.reconfigure(daemon.config)

@@ -115,7 +115,9 @@ class Supervisor:
         try:
             await self._start()
             async with asyncio.TaskGroup() as group:
-                self._tasks["mqtt"] = group.create_task(self.daemon.source.run(), name="mqtt")
+                for source in self.daemon.intake.sources:
+                    name = f"mqtt-{source.session.name}"
+                    self._tasks[name] = group.create_task(source.run(), name=name)
                 for service in self.daemon.services:
                     self._tasks[service.name] = group.create_task(
                         self._supervise(service), name=service.name
@@ -199,23 +201,23 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         """Stop intake, drain, disconnect; all within ``daemon.shutdown_timeout_seconds``."""
-        source = self.daemon.source
+        intake = self.daemon.intake
         self._deadline = time.monotonic() + self.config.daemon.shutdown_timeout_seconds
         self.notifier.stopping()
-        source.stop_intake()
-        log.info("draining", extra={"in_flight": source.tracker.pending})
+        intake.stop_intake()
+        log.info("draining", extra={"in_flight": intake.pending})
         try:
             # Leave room for the disconnect and for closing the database.
             async with asyncio.timeout(max(0.5, self._remaining() - 2.0)):
-                await source.tracker.wait_drained()
+                await intake.wait_drained()
         except TimeoutError:
             log.warning(
                 "drain timed out; unacknowledged messages will be redelivered",
-                extra={"in_flight": source.tracker.pending},
+                extra={"in_flight": intake.pending},
             )
         try:
             async with asyncio.timeout(min(1.0, self._remaining())):
-                await source.close()
+                await intake.close()
         except TimeoutError:
             log.warning("broker did not confirm the disconnect")
         for task in [*self._tasks.values(), *self._helpers]:

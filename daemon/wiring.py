@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from agents.base import Service
 from agents.bus import Bus
-from agents.decoding import DECODERS, DecoderContext, Route, Router
+from agents.decoding import DecoderContext, Route, Router
 from agents.drainer import SpoolDrainer
 from agents.enrichment import EnrichmentAgent
 from agents.events import (
@@ -24,6 +24,8 @@ from agents.events import (
     RejectionsStored,
     ValidatedMessage,
 )
+from agents.formats import DECODERS
+from agents.metrics import PipelineMetrics
 from agents.outbound import Outbound
 from agents.persistence import PersistenceAgent
 from agents.publisher import EventSettings, Publisher
@@ -33,6 +35,7 @@ from agents.validation import ValidationAgent
 from daemon import __version__
 from daemon.config import Config
 from daemon.http import HealthServer
+from daemon.intake import Intake
 from daemon.metrics import (
     BudgetCollector,
     Metrics,
@@ -40,7 +43,6 @@ from daemon.metrics import (
     SpoolCollector,
     WindowCollector,
 )
-from daemon.mqtt import MqttSource
 from db.backends import WriterOptions, backend_for
 from db.spool import Spool
 
@@ -59,7 +61,7 @@ class Daemon:
     config: Config
     metrics: Metrics
     bus: Bus
-    source: MqttSource
+    intake: Intake
     storage: Storage
     registry: DeviceRegistry
     validation: ValidationAgent
@@ -77,9 +79,7 @@ class Daemon:
 
     def not_ready_reason(self) -> str | None:
         """None when ready: broker connected and readings can be made durable."""
-        if not self.source.connected.is_set():
-            return "broker not connected"
-        return self.source.subscription_problem or self.storage.not_ready_reason()
+        return self.intake.not_ready_reason() or self.storage.not_ready_reason()
 
 
 def wire(
@@ -94,45 +94,46 @@ def wire(
     pipeline, bus = metrics.pipeline, Bus(metrics.pipeline)
     size, limit = config.daemon.inbox_size, config.ingest.max_payload_bytes
     raw_inbox = bus.inbox("validation", config.mqtt.max_inflight + _READ_SLACK, RawMessage)
-    source = MqttSource(config, raw_inbox, metrics.intake)
+    intake = Intake(config, raw_inbox, metrics.intake)
     storage = _storage(config, metrics)
     devices = DeviceRegistry()
     store_inbox = bus.inbox("persistence", size, EnrichedMessage, RejectedMessage)
     persistence = PersistenceAgent(
-        bus, pipeline, store_inbox, storage, source.tracker.settle, config.database.batch_size,
+        bus, pipeline, store_inbox, storage, intake.settle, config.database.batch_size,
         max_payload_bytes=limit, batches_in_flight=config.database.batches_in_flight,
     )  # fmt: skip
     # Its events are whole batches: a few dozen of them bound what waits for the broker.
     publish_inbox = bus.inbox("publisher", _EVENT_BATCHES, ReadingsStored, RejectionsStored)
-    spool = storage.spool
-    batch_size = config.database.batch_size
-    drainer = (
-        None
-        if spool is None
-        else SpoolDrainer(spool, storage, bus, pipeline, batch_size=batch_size)
-    )
+    routes = build_routes(config, intake.host_outbound, pipeline)
     daemon = Daemon(
         config=config,
         metrics=metrics,
         bus=bus,
-        source=source,
+        intake=intake,
         storage=storage,
         registry=devices,
-        validation=ValidationAgent(
-            bus, pipeline, raw_inbox, build_routes(config, source), limit, source.budget
-        ),
+        validation=ValidationAgent(bus, pipeline, raw_inbox, routes, limit, intake.budget),
         enrichment=EnrichmentAgent(
             bus, pipeline, bus.inbox("enrichment", size, ValidatedMessage), devices
         ),
         persistence=persistence,
         publisher=Publisher(
-            bus, pipeline, publish_inbox, source, event_settings(config), source.budget.release
+            bus, pipeline, publish_inbox, intake.main, event_settings(config), intake.budget.release
         ),
-        drainer=drainer,
+        drainer=_drainer(config, storage, bus, pipeline),
         http=HealthServer(config.metrics.host, config.metrics.port, registry, readiness),
     )
     _register_collectors(daemon, readiness)
     return daemon
+
+
+def _drainer(
+    config: Config, storage: Storage, bus: Bus, metrics: PipelineMetrics
+) -> SpoolDrainer | None:
+    """The spool's drainer, when there is a spool (PostgreSQL)."""
+    if storage.spool is None:
+        return None
+    return SpoolDrainer(storage.spool, storage, bus, metrics, batch_size=config.database.batch_size)
 
 
 def _storage(config: Config, metrics: Metrics) -> Storage:
@@ -156,20 +157,35 @@ def _writer_options(config: Config) -> WriterOptions:
 
 def _register_collectors(daemon: Daemon, readiness: Callable[[], str | None]) -> None:
     registry = daemon.metrics.registry
-    registry.register(WindowCollector(daemon.source.tracker))
-    registry.register(BudgetCollector(daemon.source.budget))
+    registry.register(WindowCollector([source.tracker for source in daemon.intake.sources]))
+    registry.register(BudgetCollector(daemon.intake.budget))
     registry.register(SpoolCollector(daemon.storage.spool))
     registry.register(ReadinessCollector(readiness))
     for service in daemon.services:
         daemon.metrics.pipeline.track_agent(service.name)
 
 
-def build_routes(config: Config, outbound: Outbound) -> Router:
-    """One route per source, each with the decoder its format names."""
-    context = DecoderContext(outbound=outbound, state_dir=config.state_dir)
+def build_routes(
+    config: Config, outbound: Outbound, metrics: PipelineMetrics, previous: Router | None = None
+) -> Router:
+    """One route per source, each with the decoder its format names (a reload keeps the
+    decoders it had: a Sparkplug host's state lives in it)."""
+    context = DecoderContext(
+        outbound=outbound,
+        state_dir=config.state_dir,
+        metrics=metrics,
+        prefix=config.publish.prefix,
+        rebirth_cooldown_seconds=config.sparkplug.rebirth_cooldown_seconds,
+    )
+    # One decoder per format, shared by its sources: the Sparkplug host's state (birth
+    # cache, seq, online gauges) is one per daemon, whichever filters feed it.
+    decoders = {r.format: r.decoder for r in previous.routes} if previous else {}
+    for source in config.ingest.sources:
+        if source.format not in decoders:
+            decoders[source.format] = DECODERS[source.format](context)
     return Router(
         [
-            Route(source.topic, source.parsed_template, DECODERS[source.format](context))
+            Route(source.topic, source.parsed_template, decoders[source.format], source.format)
             for source in config.ingest.sources
         ]
     )

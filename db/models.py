@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     Float,
     Index,
@@ -28,6 +29,7 @@ class Base(DeclarativeBase):
             "ix": "ix_%(table_name)s_%(column_0_N_name)s",
             "uq": "uq_%(table_name)s_%(column_0_N_name)s",
             "pk": "pk_%(table_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
         }
     )
 
@@ -42,7 +44,8 @@ class SensorReading(Base):
     device_id: Mapped[str] = mapped_column(Text, primary_key=True)
     sensor_id: Mapped[str] = mapped_column(Text, primary_key=True)
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
-    value: Mapped[float] = mapped_column(Float(precision=53))
+    # value is NULL exactly when value_text holds a non-numeric value (migration 0003).
+    value: Mapped[float | None] = mapped_column(Float(precision=53))
     unit: Mapped[str | None] = mapped_column(Text)
     quality: Mapped[str | None] = mapped_column(Text)
     seq: Mapped[int | None] = mapped_column(BigInteger)
@@ -53,6 +56,11 @@ class SensorReading(Base):
     sensor_type: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     correlation_id: Mapped[str] = mapped_column(Text)
+    value_text: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("(value IS NULL) <> (value_text IS NULL)", name="value_or_text"),
+    )
 
 
 class RejectedMessage(Base):

@@ -19,7 +19,7 @@ class ReadingRow(NamedTuple):
     device_id: str
     sensor_id: str
     ts: datetime
-    value: float
+    value: float | None  # NULL exactly when value_text is set
     unit: str | None
     quality: str | None
     seq: int | None
@@ -30,6 +30,7 @@ class ReadingRow(NamedTuple):
     sensor_type: str | None
     received_at: datetime
     correlation_id: str
+    value_text: str | None = None  # non-numeric values (Sparkplug strings, arrays, DataSets)
 
 
 class RejectionRow(NamedTuple):

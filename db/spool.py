@@ -302,7 +302,7 @@ def _encode(readings: list[ReadingRow], rejections: list[RejectionRow]) -> bytes
     return orjson.dumps(
         {
             "r": [
-                [*row[:2], _us(row.ts), *row[3:12], _us(row.received_at), row.correlation_id]
+                [*row[:2], _us(row.ts), *row[3:12], _us(row.received_at), *row[13:]]
                 for row in readings
             ],
             "j": [
@@ -315,8 +315,12 @@ def _encode(readings: list[ReadingRow], rejections: list[RejectionRow]) -> bytes
 
 def _decode(body: bytes) -> tuple[list[ReadingRow], list[RejectionRow]]:
     document = orjson.loads(body)
+    # Records spooled before value_text existed have 14 fields: value_text is then None.
     readings = [
-        ReadingRow._make([*r[:2], _ts(r[2]), *r[3:12], _ts(r[12]), r[13]]) for r in document["r"]
+        ReadingRow._make(
+            [*r[:2], _ts(r[2]), *r[3:12], _ts(r[12]), r[13], r[14] if len(r) > 14 else None]
+        )
+        for r in document["r"]
     ]
     rejections = [
         RejectionRow._make([_ts(j[0]), j[1], base64.b64decode(j[2]), *j[3:9], bool(j[9])])

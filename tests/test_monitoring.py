@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents.reasons import REASONS
 from db.writer import ERROR_KINDS
+from edge.sparkplug import SKIP_REASONS
 from tests.harness.daemon import INGESTD, Daemon, publish_all
 from tests.harness.servers import Mosquitto, unique_name, wait_until
 
@@ -49,6 +50,7 @@ NO_SERIES_BEFORE_TRAFFIC = {"ingestd_device_last_seen_timestamp_seconds"}
 AGENTS = {"validation", "enrichment", "persistence", "publisher"}
 INBOXES = {"validation", "enrichment", "persistence", "publisher"}
 EVENT_KINDS = {"processed", "failed"}
+SPARKPLUG_STATES = {"online", "offline"}
 KNOWN_LABEL_VALUES: dict[str, tuple[str, set[str]]] = {  # family -> (label, values)
     "ingestd_messages_rejected": ("reason", set(REASONS)),
     "ingestd_mqtt_disconnects": ("cause", {"connect_failed", "lost"}),
@@ -60,6 +62,13 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str, set[str]]] = {  # family -> (label, val
     "ingestd_queue_full_waits": ("inbox", INBOXES),
     "ingestd_agent_up": ("agent", AGENTS),
     "ingestd_agent_restarts": ("agent", AGENTS),
+    # The connection without Sparkplug sources: only the main one exists.
+    "ingestd_mqtt_connected": ("connection", {"main"}),
+    "ingestd_mqtt_connects": ("connection", {"main"}),
+    # Declared whether or not a Sparkplug source is configured.
+    "ingestd_sparkplug_metrics_skipped": ("reason", {*SKIP_REASONS, "definition"}),
+    "ingestd_sparkplug_edge_nodes": ("state", SPARKPLUG_STATES),
+    "ingestd_sparkplug_devices": ("state", SPARKPLUG_STATES),
 }
 # Labels Prometheus adds to every scraped series, and the bucket label of histograms.
 TARGET_LABELS = {"job", "instance"}
@@ -278,6 +287,7 @@ def test_alerts_carry_severity_duration_and_a_runbook() -> None:
         "IngestdSpoolOld",
         "IngestdRejectionRatioHigh",
         "IngestdDeviceSilent",
+        "IngestdSparkplugNodesOffline",
     }
     for rule in rules:
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), f"{rule['alert']}: no for:"
@@ -350,6 +360,12 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "ingestd_agent_restarts_total",
         "ingestd_events_published_total",
         "ingestd_events_dropped_total",
+        "ingestd_sparkplug_edge_nodes",  # the Sparkplug row
+        "ingestd_sparkplug_devices",
+        "ingestd_sparkplug_seq_errors_total",
+        "ingestd_sparkplug_rebirth_requests_total",
+        "ingestd_sparkplug_metrics_skipped_total",
+        "ingestd_sparkplug_stale_deaths_total",
     }
     assert must <= used, f"dashboard lost {sorted(must - used)}"
 
@@ -525,6 +541,9 @@ def test_dashboard_and_alert_metrics_have_series_from_the_first_scrape(
         "ingestd_database_errors",
         "ingestd_queue_full_waits",
         "ingestd_agent_restarts",
+        "ingestd_sparkplug_metrics_skipped",
+        "ingestd_sparkplug_edge_nodes",
+        "ingestd_sparkplug_devices",
     ):
         label, _ = KNOWN_LABEL_VALUES[family]
         nonzero = {v: n for v, n in first.families[family].values[label].items() if n}

@@ -301,11 +301,13 @@ def test_acl_confines_every_pattern_to_the_devices_own_topics() -> None:
         topic = line[-1]
         assert "%u" in topic, line
         assert "#" not in topic.split("%u")[0], line  # no wildcard ahead of the device id
-    assert lines[-4:] == [
+    assert lines[-6:] == [
         ["user", "ingestd"],
         ["topic", "read", "sensors/#"],
         ["topic", "read", "spBv1.0/#"],
         ["topic", "write", "ingestd/#"],
+        ["topic", "write", "spBv1.0/STATE/ingestd"],  # sparkplug.host_id's default
+        ["topic", "write", "spBv1.0/+/NCMD/+"],  # rebirth requests
     ]
 
 
@@ -437,6 +439,31 @@ def test_a_device_reads_neither_other_devices_nor_ingestd(
     assert spy.received() == []
 
 
+@pytest.mark.timeout(30)
+def test_ingestd_writes_its_sparkplug_state_and_rebirth_requests_only(
+    prod: ProdBroker, clients: Callable[..., Client]
+) -> None:
+    ingestd = clients(prod, "ingestd")
+    node = clients(prod, "dev-001")  # an edge node: its account is its edge node id
+    node.subscribe("spBv1.0/+/NCMD/dev-001", "spBv1.0/+/DCMD/dev-001/+")
+    forbidden = [
+        "spBv1.0/STATE/other-host",  # another host's STATE
+        "spBv1.0/plant/DCMD/dev-001/press",  # device commands: not ingestd's
+        "spBv1.0/plant/NDATA/dev-001",  # speaking for an edge node
+        "spBv1.0/plant/NCMD/dev-001/extra",  # NCMD has no device level
+    ]
+    assert [ingestd.publish(t, b"x") for t in forbidden] == [NOT_AUTHORIZED] * 4
+    for topic, retain in (
+        ("spBv1.0/STATE/ingestd", True),  # its STATE, retained as the spec wants
+        ("spBv1.0/plant/NCMD/dev-001", False),
+    ):
+        reason = ingestd.publish(topic, b"x", retain=retain)
+        assert not reason.is_failure, f"{topic}: {reason}"
+    wait_until(node.received, 10, message="the edge node got no command")
+    assert node.received() == [("spBv1.0/plant/NCMD/dev-001", b"x")]
+    ingestd.publish("spBv1.0/STATE/ingestd", b"", retain=True)  # clear the retained STATE
+
+
 # -------------------------------------------------------------------- ingestd itself
 
 
@@ -484,7 +511,7 @@ def test_ingestd_connects_over_tls_and_stores_what_devices_send(
         assert rows == expected
         assert rejected == 0
         assert daemon.metric("ingestd_messages_received_total") == len(expected)
-        assert daemon.metric("ingestd_mqtt_connects_total") == 1
+        assert daemon.metric('ingestd_mqtt_connects_total{connection="main"}') == 1
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
     finally:
         daemon.stop()

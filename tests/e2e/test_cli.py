@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,33 @@ def test_demo_runs_end_to_end_and_exits_zero(tmp_path: Path) -> None:
     assert "simulator published" in final
     assert "rejections with reasons" in final
     assert (tmp_path / "var" / "ingestd.db").exists()
+
+
+def test_demo_plays_a_sparkplug_edge_node(tmp_path: Path) -> None:
+    result = ingestd(
+        "demo", "--format", "sparkplug", "--duration", "3", "--rate", "200", "--devices", "3",
+        "--mosquitto", find_mosquitto(), cwd=tmp_path,
+        env={"INGESTD_METRICS__LISTEN": f"127.0.0.1:{free_port()}"}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    *_, host, final = result.stdout.strip().splitlines()
+    assert "simulator published" in final
+    assert "Sparkplug messages" in final
+    # The edge node's NDEATH at its clean stop took it and its devices offline.
+    assert "edge nodes online 0, offline 1" in host, host
+    assert "devices online 0, offline 3" in host, host
+    stored = int(final.split("ingestd stored ")[1].split()[0])
+    with sqlite3.connect(tmp_path / "var" / "ingestd.db") as db:
+        rows = dict(db.execute("SELECT device_id, count(*) FROM sensor_readings GROUP BY 1"))
+        make = db.execute(
+            "SELECT value, value_text FROM sensor_readings"
+            " WHERE device_id = 'plant/edge1' AND sensor_id = 'Properties/Hardware Make'"
+        ).fetchall()
+    assert set(rows) == {"plant/edge1", "plant/edge1/dev-001", "plant/edge1/dev-002",
+                         "plant/edge1/dev-003"}  # fmt: skip
+    assert sum(rows.values()) == stored > 0
+    assert make == [(None, "ingestd simulator")]  # a String metric: value_text, value NULL
+    assert (tmp_path / "var" / "sparkplug.db").exists()  # the birth cache
 
 
 def test_demo_falls_back_to_an_in_process_amqtt_broker(tmp_path: Path) -> None:

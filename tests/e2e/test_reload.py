@@ -82,7 +82,7 @@ def test_sighup_applies_registry_and_limits_live_and_keeps_a_bad_config_out(
     wait_until(lambda: stored(database).get(1.0) == "north", 20)
 
     # Registry and payload limit change: both apply without a restart or a reconnect.
-    connects = daemon.metric("ingestd_mqtt_connects_total")
+    connects = daemon.metric('ingestd_mqtt_connects_total{connection="main"}')
     registry.write_text('[[devices]]\ndevice_id = "d1"\nsite = "south"\n')
     config.write_text(config_text(database, registry, max_payload=200))
     daemon.signal(signal.SIGHUP)
@@ -91,7 +91,7 @@ def test_sighup_applies_registry_and_limits_live_and_keeps_a_bad_config_out(
     send(3, padding=300)  # over the new limit
     wait_until(lambda: stored(database).get(2.0) == "south", 20)
     wait_until(lambda: rejected(database) == ["payload_too_large"], 20)
-    assert daemon.metric("ingestd_mqtt_connects_total") == connects
+    assert daemon.metric('ingestd_mqtt_connects_total{connection="main"}') == connects
 
     # An invalid file is refused: the running config stays, and the daemon keeps storing.
     config.write_text("[ingest]\nmax_payload_bytes = -5\n")
@@ -111,7 +111,7 @@ def test_sighup_reconnects_for_broker_changes_and_names_what_needs_a_restart(
     daemon, database, registry, config = (
         running.daemon, running.database, running.registry, running.config
     )  # fmt: skip
-    connects = daemon.metric("ingestd_mqtt_connects_total")
+    connects = daemon.metric('ingestd_mqtt_connects_total{connection="main"}')
 
     # A new source (another topic filter) needs a new subscription: a reconnect. A new
     # batch size is held by the running writer: named, not applied.
@@ -122,7 +122,9 @@ def test_sighup_reconnects_for_broker_changes_and_names_what_needs_a_restart(
         + 'template = "plant/{device_id}/{sensor_id}"\n'
     )
     daemon.signal(signal.SIGHUP)
-    wait_until(lambda: daemon.metric("ingestd_mqtt_connects_total") > connects, 20)
+    wait_until(
+        lambda: daemon.metric('ingestd_mqtt_connects_total{connection="main"}') > connects, 20
+    )
     wait_until(daemon.ready, 20)
     (event,) = log_events(daemon, "config reloaded")
     assert event["needs_restart"] == {"database": ["batch_size"]}

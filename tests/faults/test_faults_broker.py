@@ -44,8 +44,8 @@ def reconnected(daemon: Daemon, connects_before: float) -> Callable[[], bool]:
         daemon._check_alive()
         m = scrape(daemon)
         return (
-            m.get("ingestd_mqtt_connected", 0) == 1
-            and m.get("ingestd_mqtt_connects_total", 0) > connects_before
+            m.get('ingestd_mqtt_connected{connection="main"}', 0) == 1
+            and m.get('ingestd_mqtt_connects_total{connection="main"}', 0) > connects_before
         )
 
     return check
@@ -72,7 +72,7 @@ def test_broker_restarted_gracefully_mid_stream(
     publisher = Publisher(mosquitto.port, messages, rate=600).start()
     try:
         wait_metric(daemon, "ingestd_readings_stored_total", lambda v: v >= 1000, 30)
-        connects = scrape(daemon)["ingestd_mqtt_connects_total"]
+        connects = scrape(daemon)['ingestd_mqtt_connects_total{connection="main"}']
         assert not publisher.done.is_set(), "the restart must happen mid-stream"
         mosquitto.restart()  # graceful stop (saves), start on the same port
         restarted = time.monotonic()
@@ -92,7 +92,7 @@ def test_broker_restarted_gracefully_mid_stream(
         publisher.close()
     result = assert_exactly_once(url, expected, len(messages))
     metrics = scrape(daemon)
-    assert metrics['ingestd_mqtt_disconnects_total{cause="lost"}'] >= 1
+    assert metrics['ingestd_mqtt_disconnects_total{cause="lost",connection="main"}'] >= 1
     fault_report.update(
         published=len(messages),
         stored=result.readings,
@@ -139,7 +139,7 @@ def test_broker_killed_mid_stream_ingestd_loses_nothing_it_received(
     publisher = Publisher(mosquitto.port, messages, rate=600).start()
     try:
         wait_metric(daemon, "ingestd_readings_stored_total", lambda v: v >= 1000, 30)
-        connects = scrape(daemon)["ingestd_mqtt_connects_total"]
+        connects = scrape(daemon)['ingestd_mqtt_connects_total{connection="main"}']
         assert not publisher.done.is_set(), "the kill must happen mid-stream"
         old_broker = publisher.connection
         killed = time.monotonic()

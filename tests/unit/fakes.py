@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry
 
 from agents.bus import Inbox
 from agents.decoding import Router
@@ -209,4 +210,4 @@ class FakeOutbound:
 def routes(*sources: SourceConfig) -> Router:
     """The routes the daemon builds from these sources (the default source when none)."""
     config = Config(ingest=IngestConfig(sources=sources or (SourceConfig(),)))
-    return build_routes(config, FakeOutbound())
+    return build_routes(config, FakeOutbound(), PipelineMetrics(CollectorRegistry()))

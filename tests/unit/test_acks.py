@@ -218,7 +218,7 @@ def test_window_collector_reports_inflight_and_window(
     metrics: IntakeMetrics, registry: CollectorRegistry
 ) -> None:
     tracker, _, _ = make(metrics, window=7)
-    registry.register(WindowCollector(tracker))
+    registry.register(WindowCollector([tracker]))
     assert sample(registry, "ingestd_inflight_messages") == 0
     tracker.track(1, 1)
     seq = tracker.track(2, 1)

@@ -11,7 +11,7 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-from agents.decoding import DECODERS
+from agents.formats import DECODERS
 from daemon import config as config_module
 from daemon.config import (
     MASK,
@@ -77,6 +77,36 @@ def test_contract_defaults(clean_env: Path) -> None:
     assert config.ingest.max_payload_bytes == 64 * 1024
     assert config.publish.prefix == "ingestd"
     assert (config.publish.processed_qos, config.publish.failed_qos) == (0, 1)
+
+
+def test_memory_budget_defaults() -> None:
+    config = load_config()
+    assert config.mqtt.max_inflight == 4000
+    assert config.mqtt.max_inflight_bytes == 16 * 1024 * 1024
+    assert config.ingest.max_inflight_readings == 50_000
+    assert config.publish.max_queued_bytes == 8 * 1024 * 1024
+    assert config.database.batch_size == 1000
+
+
+def test_memory_budgets_from_file_and_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = toml(
+        tmp_path,
+        "[mqtt]\nmax_inflight_bytes = 2048\n[ingest]\nmax_inflight_readings = 7\n"
+        "[publish]\nmax_queued_bytes = 4096\n",
+    )
+    from_file = load_config(path)
+    assert from_file.mqtt.max_inflight_bytes == 2048
+    assert from_file.ingest.max_inflight_readings == 7
+    assert from_file.publish.max_queued_bytes == 4096
+    monkeypatch.setenv("INGESTD_MQTT__MAX_INFLIGHT_BYTES", "1048576")
+    monkeypatch.setenv("INGESTD_INGEST__MAX_INFLIGHT_READINGS", "500")
+    monkeypatch.setenv("INGESTD_PUBLISH__MAX_QUEUED_BYTES", "65536")
+    config = load_config(path)
+    assert config.mqtt.max_inflight_bytes == 1 << 20
+    assert config.ingest.max_inflight_readings == 500
+    assert config.publish.max_queued_bytes == 1 << 16
 
 
 def test_state_directory_from_systemd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -251,6 +281,9 @@ def test_unknown_top_level_env_var_is_an_error(monkeypatch: pytest.MonkeyPatch, 
      ("INGESTD_DATABASE__URL", "mysql://db/x", "database.url"),
      ("INGESTD_DATABASE__URL", "sqlite://relative.db", "database.url"),
      ("INGESTD_DATABASE__BATCH_SIZE", "0", "database.batch_size"),
+     ("INGESTD_MQTT__MAX_INFLIGHT_BYTES", "1023", "mqtt.max_inflight_bytes"),
+     ("INGESTD_INGEST__MAX_INFLIGHT_READINGS", "0", "ingest.max_inflight_readings"),
+     ("INGESTD_PUBLISH__MAX_QUEUED_BYTES", "lots", "publish.max_queued_bytes"),
      ("INGESTD_INGEST__MAX_PAYLOAD_BYTES", "8", "ingest.max_payload_bytes"),
      ("INGESTD_INGEST__SOURCES", "[]", "ingest.sources"),
      ("INGESTD_INGEST__SOURCES", '[{"topic": "a/+", "template": "a/{nope}"}]', "ingest.sources"),

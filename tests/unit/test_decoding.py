@@ -9,9 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
+from prometheus_client import CollectorRegistry
 
 from agents.cache import BoundedCache
-from agents.decoding import DECODERS, DecoderContext, JsonDecoder, ValueDecoder
+from agents.decoding import DecoderContext, JsonDecoder, ValueDecoder
+from agents.formats import DECODERS
+from agents.metrics import PipelineMetrics
 from daemon.config import Format, SourceConfig
 from edge.readings import BAD_TYPE, MALFORMED_JSON, PayloadError, Reading
 from tests.unit.fakes import NOW, FakeOutbound, raw, routes
@@ -19,7 +22,9 @@ from tests.unit.fakes import NOW, FakeOutbound, raw, routes
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-CONTEXT = DecoderContext(outbound=FakeOutbound(), state_dir=Path("unused"))
+CONTEXT = DecoderContext(
+    outbound=FakeOutbound(), state_dir=Path("unused"), metrics=PipelineMetrics(CollectorRegistry())
+)
 FIELDS = {"device_id": "press-01", "sensor_id": "temp"}
 
 ROUTER_SOURCES = (
