@@ -927,8 +927,14 @@ def test_simulator_started_before_ingestd_is_asked_to_rebirth_and_stored(
          "--group", "line1", "--edge-node", "sim1", "--bdseq", "3"],
         cwd=tmp_path, env=clean, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    watcher = Collector(mosquitto.port, "spBv1.0/line1/DDATA/sim1/#")
     try:
-        time.sleep(1.0)  # its births are gone by the time ingestd subscribes
+        # Its births are gone by the time ingestd subscribes: it already sends data.
+        deadline = time.monotonic() + 10
+        while not watcher.count() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert watcher.count(), "the simulator sent no DDATA"
+        watcher.close()
         daemon = spb()
         start_host(daemon)
         wait_rows(migrated_pg, 30, "device_id LIKE 'line1/sim1/%'")
