@@ -57,6 +57,7 @@ class Options:
     outage_seconds: float = 60.0
     wan_delay_ms: float = 25.0
     arrays: int = 2_000  # messages of ingestd-arrays / -near-limit; singles: x 500 readings
+    sparkplug_messages: int = 40_000  # DDATA of sparkplug-ddata, 10 readings each
     results: list[Row] = field(default_factory=list)
 
     def median_rate(self, scenario: str) -> float | None:

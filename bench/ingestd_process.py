@@ -50,8 +50,10 @@ class DaemonProcess:
         dsn: str,
         settings: dict[str, str] | None = None,
         name: str = "ingestd",
+        config: Path | None = None,
     ) -> None:
         self.workdir = workdir
+        self.config = config  # a TOML file (``ingestd run --config``); INGESTD_* still win
         self.client_id = client_id
         self.name = name
         self.metrics_port = free_port()
@@ -76,8 +78,11 @@ class DaemonProcess:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
+            argv = [str(INGESTD), "run"]
+            if self.config is not None:
+                argv += ["--config", str(self.config)]
             self.process = subprocess.Popen(
-                [str(INGESTD), "run"], cwd=self.workdir, env=self.env, stdout=log, stderr=log
+                argv, cwd=self.workdir, env=self.env, stdout=log, stderr=log
             )
 
     def check_alive(self) -> None:
@@ -111,6 +116,18 @@ class DaemonProcess:
             time.sleep(POLL_SECONDS)
         raise ScenarioError(f"{self.name} not subscribed within {timeout:.0f} s\n{self.log_tail()}")
 
+    def wait_database_up(self, timeout: float = 30.0) -> None:
+        """Until ``ingestd_database_up`` is 1 (the schema checked, the pool connected)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if self.metric("ingestd_database_up") == 1:
+                return
+            time.sleep(POLL_SECONDS)
+        raise ScenarioError(
+            f"{self.name}: database not up within {timeout:.0f} s\n{self.log_tail()}"
+        )
+
     def summary(self) -> dict[str, Any]:
         """Batch size, write latency and backpressure figures from ``/metrics``."""
         m = self.metrics()
@@ -129,7 +146,9 @@ class DaemonProcess:
             "received": m.get("ingestd_messages_received_total"),
             "stored": m.get("ingestd_readings_stored_total"),
             "duplicates": m.get("ingestd_readings_duplicate_total"),
-            "rejected": sum(v for k, v in m.items() if k.startswith("ingestd_messages_rejected")),
+            "rejected": sum(
+                v for k, v in m.items() if k.startswith("ingestd_messages_rejected_total")
+            ),
             "intake_pauses": m.get("ingestd_intake_pauses_total"),
             "database_errors": sum(
                 v for k, v in m.items() if k.startswith("ingestd_database_errors_total")

@@ -54,6 +54,8 @@ TARGET_MIN_SHARE = 0.25  # "both working": each instance stored at least this sh
 TARGET_ARRAYS_VS_SINGLES = 1.5  # readings/s of ingestd-arrays / ingestd-singles
 ARRAYS = (2_000, 200)  # (default, --quick) messages of the array backlogs
 ARRAY_SCENARIOS = ("ingestd-arrays", "ingestd-near-limit", "ingestd-singles")
+TARGET_SPARKPLUG_VS_JSON = 2.0  # readings/s of sparkplug-ddata / ingestd (JSON singles)
+SPARKPLUG_MESSAGES = (40_000, 4_000)  # (default, --quick) DDATA of sparkplug-ddata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--arrays", type=int, help="messages of ingestd-arrays and ingestd-near-limit; "
         "ingestd-singles sends 500x as many single readings (default 2,000; quick 200)",
     )  # fmt: skip
+    sparkplug = parser.add_argument_group("sparkplug-ddata")
+    sparkplug.add_argument(
+        "--sparkplug-messages", type=int, help="DDATA messages of 10 metrics (default 40,000:"
+        " 400,000 readings; quick 4,000)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     quick = int(args.quick)
     if args.readings is None:
@@ -112,12 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.outage_seconds = OUTAGE_SECONDS[quick]
     if args.arrays is None:
         args.arrays = ARRAYS[quick]
+    if args.sparkplug_messages is None:
+        args.sparkplug_messages = SPARKPLUG_MESSAGES[quick]
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
         parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
-    if args.readings < 1 or args.runs < 1 or args.arrays < 1:
-        parser.error("--readings, --runs and --arrays must be positive")
+    if min(args.readings, args.runs, args.arrays, args.sparkplug_messages) < 1:
+        parser.error("--readings, --runs, --arrays and --sparkplug-messages must be positive")
     if min(args.live_rate, args.latency_seconds, args.soak_seconds, args.outage_seconds) <= 0:
         parser.error("rates and durations must be positive")
     args.scenarios = names
@@ -134,6 +143,7 @@ def options(args: argparse.Namespace) -> Options:
         outage_seconds=args.outage_seconds,
         wan_delay_ms=args.wan_delay_ms,
         arrays=args.arrays,
+        sparkplug_messages=args.sparkplug_messages,
     )
 
 
@@ -294,6 +304,19 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             _check(f"arrays >= {TARGET_ARRAYS_VS_SINGLES:g}x singles (readings/s)", arrays,
                    _at_least(arrays, TARGET_ARRAYS_VS_SINGLES), "x")
         )  # fmt: skip
+    if "sparkplug-ddata" in summary:
+        spb = ratio(summary, "sparkplug-ddata", "ingestd")
+        checks.append(
+            _check(f"sparkplug >= {TARGET_SPARKPLUG_VS_JSON:g}x ingestd (readings/s)", spb,
+                   _at_least(spb, TARGET_SPARKPLUG_VS_JSON), "x")
+        )  # fmt: skip
+        peak = get("sparkplug-ddata", "peak_rss_mb")
+        checks.append(_check(f"sparkplug-ddata peak RSS < {TARGET_RSS_MB:g} MB", peak,
+                             None if peak is None else peak < TARGET_RSS_MB, " MB"))  # fmt: skip
+        checks.append(_check("sparkplug-ddata: every reading stored once", None,
+                             stored_once(summary, "sparkplug-ddata"), ""))  # fmt: skip
+        decode = get("sparkplug-ddata", "decode_us_per_metric")
+        checks.append(_check("Sparkplug decode per metric (no target)", decode, None, " us"))
     if "catch-up" in summary:
         drain = get("catch-up", "seconds")
         checks.append(_check("catch-up: heal -> spool empty (no target)", drain, None, " s"))
@@ -320,7 +343,7 @@ def table(summary: dict[str, dict[str, Any]], scenarios: dict[str, Scenario]) ->
         x_ceiling = ratio(summary, name, "ceiling") if comparable else None
         x_naive = ratio(summary, name, "naive") if comparable else None
         note = scenarios[name].note(s)
-        if name in ("ingestd-wan", "ingestd-proxy", "scale-out"):
+        if name in ("ingestd-wan", "ingestd-proxy", "scale-out", "sparkplug-ddata"):
             vs = ratio(summary, name, "ingestd")
             if vs is not None:
                 note = "; ".join(filter(None, [f"x ingestd {vs:.2f}", note]))
@@ -394,6 +417,7 @@ def details(rows: list[Row]) -> str:
                 f" {p['bytes_down']:,} B down, {p['accepted']} connections; chunks late by"
                 f" {p['avg_late_ms']} ms on average, {p['max_late_ms']} ms at worst"
             )
+        add_sparkplug(add, r)
         add_live(add, r)
     return "\n".join(lines)
 
@@ -408,6 +432,29 @@ class _Lines:
     def __call__(self, text: str) -> None:
         self.lines.append(self.head + text)
         self.head = " " * len(self.head)
+
+
+def add_sparkplug(add: _Lines, r: Row) -> None:
+    """The detail lines of sparkplug-ddata: the publisher's pacing, the host's counters and
+    the decode micro-benchmark."""
+    d = r.details
+    pub, decode = d.get("spb_publisher"), d.get("decode")
+    if not decode or not pub:
+        return
+    spb = d.get("sparkplug", {})
+    add(
+        f"births: {d['birth_readings']:,} readings stored before the clock; publisher:"
+        f" {pub['sent']:,} DDATA in {d['publish_seconds']} s, {pub['writes']:,} writes, at most"
+        f" {pub['ahead_max']:,} ahead of ingestd's receipt (limit {d['ahead_messages']:,}),"
+        f" waited {pub['waits']:,} times; seq errors"
+        f" {spb.get('seq_errors_total', 0):g}, rebirth requests"
+        f" {spb.get('rebirth_requests_total', 0):g}"
+    )
+    add(
+        f"SparkplugHost.decode: {decode['us_per_metric']} us/metric, {decode['us_per_message']}"
+        f" us/message (median of {decode['rounds']} rounds of {decode['messages_per_round']:,}"
+        f" DDATA; rounds {', '.join(str(x) for x in decode['us_per_metric_rounds'])})"
+    )
 
 
 def add_live(add: _Lines, r: Row) -> None:

@@ -27,6 +27,7 @@ from bench.env import REPO, BenchEnv, CpuMeter, cpu_seconds, peak_rss_mb
 from bench.ingestd_process import DaemonProcess, wait_stored
 from bench.live_scenarios import CatchUp, Latency, LatencyFloor, Soak
 from bench.proxy import DelayProxy
+from bench.sparkplug import SparkplugDdata
 
 __all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Options", "Row", "Scenario", "check_readings"]
 
@@ -368,9 +369,11 @@ SCENARIOS: dict[str, type[Scenario]] = {
     s.name: s
     for s in (
         Ceiling, Naive, Ingestd, IngestdNoEvents, IngestdWan, IngestdProxy, ScaleOut,
-        IngestdArrays, IngestdNearLimit, IngestdSingles, Latency, LatencyFloor, Soak, CatchUp,
+        IngestdArrays, IngestdNearLimit, IngestdSingles, SparkplugDdata, Latency, LatencyFloor,
+        Soak, CatchUp,
     )
 }  # fmt: skip
 DEFAULT_SCENARIOS = (
-    "ceiling", "naive", "ingestd", "ingestd-wan", "scale-out", "latency", "soak", "catch-up",
+    "ceiling", "naive", "ingestd", "ingestd-wan", "scale-out", "sparkplug-ddata", "latency",
+    "soak", "catch-up",
 )  # fmt: skip
