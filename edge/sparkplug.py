@@ -31,6 +31,7 @@ from edge.sparkplug_values import (
     datetime_of_ms,
     metric_label,
     metric_value,
+    plain_number,
 )
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "metric_value",
     "pack_array",
     "parse_topic",
+    "plain_number",
     "quality",
     "skip_reason",
     "template_definitions",

@@ -388,3 +388,27 @@ def _parameters(
             raise bad_metric(f"{label} parameter {name}", "no type")
         parameters[name] = _optional_basic(parameter, datatype, f"{label} parameter {name}")
     return parameters
+
+
+# The largest int_value each small integer type reads as itself (no sign to extend).
+_PLAIN_INTS = {
+    **{code: (1 << (bits - 1)) - 1 for code, bits in _SIGNED_BITS.items() if bits <= 32},
+    **{code: (1 << bits) - 1 for code, bits in _UNSIGNED_BITS.items() if bits <= 32},
+}
+
+
+def plain_number(metric: Payload.Metric, datatype: int) -> float | None:
+    """The hot path's shortcut: a finite Double, Float or small non-negative integer value
+    read directly, or None when ``metric_value`` must decide (any other case)."""
+    which = metric.WhichOneof("value")
+    if which == "double_value":
+        number: float = metric.double_value
+        return number if datatype == _DOUBLE and math.isfinite(number) else None
+    if which == "float_value":
+        if datatype != _FLOAT or not math.isfinite(metric.float_value):
+            return None
+        return _shortest_float32(metric.float_value)
+    if which == "int_value":
+        raw, largest = metric.int_value, _PLAIN_INTS.get(datatype, -1)
+        return float(raw) if raw <= largest else None  # negatives: metric_value decides
+    return None
