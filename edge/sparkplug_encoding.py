@@ -15,37 +15,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
-from edge.sparkplug_b_pb2 import DataType, Payload
-from edge.sparkplug_values import ARRAY_TYPES, BASIC_TYPES, DATATYPES
+from edge.sparkplug_b_pb2 import Payload
+from edge.sparkplug_values import (
+    ARRAY_TYPES,
+    BASIC_TYPES,
+    DATATYPES,
+    PACKED_CODES,
+    SIGNED_BITS,
+    UNSIGNED_BITS,
+)
 
 __all__ = ["DataSetSpec", "TemplateSpec", "encode_metric", "encode_payload", "pack_array"]
 
 _MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
-_SIGNED: dict[int, int] = {
-    DataType.Int8: 8,
-    DataType.Int16: 16,
-    DataType.Int32: 32,
-    DataType.Int64: 64,
-}
-_UNSIGNED: dict[int, int] = {
-    DataType.UInt8: 8,
-    DataType.UInt16: 16,
-    DataType.UInt32: 32,
-    DataType.UInt64: 64,
-}
-_PACKED: dict[int, str] = {
-    DataType.Int8Array: "b",
-    DataType.Int16Array: "h",
-    DataType.Int32Array: "i",
-    DataType.Int64Array: "q",
-    DataType.UInt8Array: "B",
-    DataType.UInt16Array: "H",
-    DataType.UInt32Array: "I",
-    DataType.UInt64Array: "Q",
-    DataType.FloatArray: "f",
-    DataType.DoubleArray: "d",
-}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 
@@ -146,7 +129,7 @@ def _set_basic(holder: Holder, datatype: int, value: object) -> None:
     """Set the value field of a metric, DataSet cell or template parameter."""
     if value is None and not isinstance(holder, Payload.Metric):
         return  # a null cell or parameter: no value field
-    if datatype in _SIGNED or datatype in _UNSIGNED:
+    if datatype in SIGNED_BITS or datatype in UNSIGNED_BITS:
         _set_integer(holder, datatype, _int(value))
     elif datatype == _DATE_TIME:
         holder.long_value = _ms(value) & _MASK64
@@ -163,8 +146,8 @@ def _set_basic(holder: Holder, datatype: int, value: object) -> None:
 
 
 def _set_integer(holder: Holder, datatype: int, value: int) -> None:
-    bits = _SIGNED.get(datatype) or _UNSIGNED[datatype]
-    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if datatype in _SIGNED else (0, 1 << bits)
+    bits = SIGNED_BITS.get(datatype) or UNSIGNED_BITS[datatype]
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if datatype in SIGNED_BITS else (0, 1 << bits)
     if not low <= value < high:
         raise ValueError(f"{value} is out of range for datatype {datatype}")
     if bits == 64:
@@ -186,7 +169,7 @@ def pack_array(datatype: int, values: Sequence[object]) -> bytes:
         return b"".join(_str(item).encode() + b"\0" for item in values)
     if datatype == _DATE_TIME_ARRAY:
         return struct.pack(f"<{len(values)}q", *(_ms(item) for item in values))
-    code = _PACKED.get(_datatype(datatype))
+    code = PACKED_CODES.get(_datatype(datatype))
     if code is None:
         raise ValueError(f"datatype {datatype} is not an array type")
     numbers = [_float(item) if code in "fd" else _int(item) for item in values]

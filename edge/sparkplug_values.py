@@ -65,13 +65,13 @@ Label: TypeAlias = str | Payload.Metric
 DATATYPES: dict[str, int] = {name: int(number) for name, number in DataType.items()}
 DATATYPE_NAMES: dict[int, str] = {number: name for name, number in DATATYPES.items()}
 
-_SIGNED_BITS: dict[int, int] = {
+SIGNED_BITS: dict[int, int] = {
     DataType.Int8: 8,
     DataType.Int16: 16,
     DataType.Int32: 32,
     DataType.Int64: 64,
 }
-_UNSIGNED_BITS: dict[int, int] = {
+UNSIGNED_BITS: dict[int, int] = {
     DataType.UInt8: 8,
     DataType.UInt16: 16,
     DataType.UInt32: 32,
@@ -80,10 +80,11 @@ _UNSIGNED_BITS: dict[int, int] = {
 _TEXT_TYPES = frozenset({DataType.String, DataType.Text, DataType.UUID})
 # The types a DataSet column or a template parameter may have.
 BASIC_TYPES = frozenset(
-    {*_SIGNED_BITS, *_UNSIGNED_BITS, *_TEXT_TYPES, DataType.Float, DataType.Double}
+    {*SIGNED_BITS, *UNSIGNED_BITS, *_TEXT_TYPES, DataType.Float, DataType.Double}
     | {DataType.Boolean, DataType.DateTime}
 )
-_PACKED: dict[int, str] = {
+# struct codes of the packed little-endian array types (DateTimeArray: int64 ms).
+PACKED_CODES: dict[int, str] = {
     DataType.Int8Array: "b",
     DataType.Int16Array: "h",
     DataType.Int32Array: "i",
@@ -96,7 +97,7 @@ _PACKED: dict[int, str] = {
     DataType.DoubleArray: "d",
     DataType.DateTimeArray: "q",
 }
-ARRAY_TYPES = frozenset({*_PACKED, DataType.BooleanArray, DataType.StringArray})
+ARRAY_TYPES = frozenset({*PACKED_CODES, DataType.BooleanArray, DataType.StringArray})
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MIN_MS = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
@@ -187,7 +188,7 @@ def _optional_basic(holder: Holder, datatype: int, label: Label) -> bool | int |
 def _basic(holder: Holder, datatype: int, label: Label) -> bool | int | float | str:
     """A basic-type value as JSON would hold it."""
     which = holder.WhichOneof("value")
-    if datatype in _SIGNED_BITS or datatype in _UNSIGNED_BITS:
+    if datatype in SIGNED_BITS or datatype in UNSIGNED_BITS:
         return _integer(holder, datatype, label)
     if datatype == _FLOAT and which == "float_value":
         return _finite(_shortest_float32(holder.float_value), label)
@@ -217,11 +218,11 @@ def _raw_integer(holder: Holder, datatype: int, label: Label) -> int:
 def _integer(holder: Holder, datatype: int, label: Label) -> int:
     raw = _raw_integer(holder, datatype, label)
     width = 32 if holder.WhichOneof("value") == "int_value" else 64
-    if datatype in _UNSIGNED_BITS:
-        if raw >> _UNSIGNED_BITS[datatype]:
+    if datatype in UNSIGNED_BITS:
+        if raw >> UNSIGNED_BITS[datatype]:
             raise bad_metric(label, f"{raw} is out of range for {_type_name(datatype)}")
         return raw
-    bits = _SIGNED_BITS[datatype]
+    bits = SIGNED_BITS[datatype]
     if not raw >> bits:  # N-bit two's complement (for Int64, the whole field)
         return _to_signed(raw, bits)
     if raw >> (bits - 1) == (1 << (width - bits + 1)) - 1:  # sign-extended to the field
@@ -298,7 +299,7 @@ def _array(data: bytes, datatype: int, label: str) -> list[JsonValue]:
             return [part.decode() for part in parts]
         except UnicodeDecodeError:
             raise bad_metric(label, "a StringArray element that is not UTF-8") from None
-    code = _PACKED[datatype]
+    code = PACKED_CODES[datatype]
     size = struct.calcsize(code)
     if len(data) % size:
         raise bad_metric(label, f"{len(data)} bytes is not a whole {_type_name(datatype)}")
@@ -392,8 +393,8 @@ def _parameters(
 
 # The largest int_value each small integer type reads as itself (no sign to extend).
 _PLAIN_INTS = {
-    **{code: (1 << (bits - 1)) - 1 for code, bits in _SIGNED_BITS.items() if bits <= 32},
-    **{code: (1 << bits) - 1 for code, bits in _UNSIGNED_BITS.items() if bits <= 32},
+    **{code: (1 << (bits - 1)) - 1 for code, bits in SIGNED_BITS.items() if bits <= 32},
+    **{code: (1 << bits) - 1 for code, bits in UNSIGNED_BITS.items() if bits <= 32},
 }
 
 
