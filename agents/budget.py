@@ -32,7 +32,8 @@ class InflightBudget:
     ) -> None:
         self.bytes = 0
         self.readings = 0
-        self._costs: dict[int, list[int]] = {}  # seq -> [bytes, readings]
+        self._bytes: dict[int, int] = {}  # seq -> payload bytes (an int each: cheap)
+        self._readings: dict[int, int] = {}  # seq -> readings charged
         self._room_for_readings = asyncio.Event()
         self._room_for_readings.set()
         self._on_room = [on_room]
@@ -57,7 +58,7 @@ class InflightBudget:
 
     def admit(self, seq: int, size: int) -> None:
         """A message was received: its payload counts from now on."""
-        self._costs[seq] = [size, 0]
+        self._bytes[seq] = size
         self.bytes += size
 
     def has_room(self, readings: int) -> bool:
@@ -73,20 +74,25 @@ class InflightBudget:
 
     def charge_now(self, seq: int, readings: int) -> None:
         """``charge`` when ``has_room`` said yes: no coroutine on the hot path."""
-        cost = self._costs.get(seq)
-        if cost is not None:
-            cost[1] += readings
+        if seq in self._bytes:
+            self._readings[seq] = self._readings.get(seq, 0) + readings
             self.readings += readings
+
+    def try_charge(self, seq: int, readings: int) -> bool:
+        """Charge now if there is room (the hot path); False: ``await charge(...)``."""
+        if readings and self.readings and self.readings + readings > self.max_readings:
+            return False
+        self.charge_now(seq, readings)
+        return True
 
     def release(self, seqs: Iterable[int]) -> None:
         """These messages are done: their events are out (or counted as dropped)."""
         was_full = self.full
-        pop = self._costs.pop
+        pop_bytes, pop_readings = self._bytes.pop, self._readings.pop
         for seq in seqs:
-            cost = pop(seq, None)  # a message released twice (a crash replay) counts once
-            if cost is not None:
-                self.bytes -= cost[0]
-                self.readings -= cost[1]
+            # A message released twice (a crash replay) counts once.
+            self.bytes -= pop_bytes(seq, 0)
+            self.readings -= pop_readings(seq, 0)
         if self.readings < self.max_readings:
             self._room_for_readings.set()
         if was_full and not self.full:

@@ -105,17 +105,18 @@ class PersistenceAgent(Agent):
         A message with more readings than that is a batch of its own, stored in parts.
         """
         first, self._carry = self._carry or await self.inbox.get(), None
-        batch, size = [first], _size(first)
-        while size < self.batch_size:
+        batch, size, limit, get = [first], _size(first), self.batch_size, self.inbox.get_nowait
+        while size < limit:
             try:
-                item = self.inbox.get_nowait()
+                item = get()
             except asyncio.QueueEmpty:
                 break
-            if size + _size(item) > self.batch_size:
+            weight = len(item.rows) if type(item) is EnrichedMessage else 1
+            if size + weight > limit:
                 self._carry = item
                 break
             batch.append(item)
-            size += _size(item)
+            size += weight
         return batch
 
     def has_work(self) -> bool:
@@ -239,11 +240,11 @@ class PersistenceAgent(Agent):
             observe(now - item.message.received_mono)
         self.metrics.stored += len(stored)
         self.metrics.duplicates += committed - len(stored)
-        seqs = tuple(item.message.seq for item in batch)
-        self._settle_acks(list(seqs))
+        seqs = [item.message.seq for item in batch]
+        self._settle_acks(seqs)
         if rejections:
             await self.bus.publish(RejectionsStored(rejections))
-        await self.bus.publish(ReadingsStored(stored, done=seqs))
+        await self.bus.publish(ReadingsStored(stored, done=tuple(seqs)))
 
 
 def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> RejectionRow:

@@ -47,10 +47,8 @@ class ValidationAgent(Agent):
             outcome = self.validate(message)
             if type(outcome) is ValidatedMessage:
                 count = len(outcome.readings)
-                if budget.has_room(count):
-                    budget.charge_now(message.seq, count)
-                else:  # wait while the readings in flight are at their budget (backpressure)
-                    await budget.charge(message.seq, count)
+                if not budget.try_charge(message.seq, count):
+                    await budget.charge(message.seq, count)  # at the budget: backpressure
             await publish(outcome)
 
     def validate(self, message: RawMessage) -> ValidatedMessage | RejectedMessage:

@@ -60,6 +60,9 @@ class MqttSource:
         self._metrics = metrics
         self._connection = metrics.connection(self.session.name)
         self._tag, self._stride = tag, stride  # this connection's seqs: n * stride + tag
+        # Only a session with business of its own (the Sparkplug host's STATE) looks at
+        # each message: the persistent session's hot path skips the call.
+        self._intercepts = type(self.session).intercept is not Session.intercept
         self._correlation_prefix = os.urandom(4).hex() + "-"
         self._stopping = False
         self._pending: Config | None = None  # a reloaded config, applied at the next connect
@@ -177,7 +180,7 @@ class MqttSource:
             return  # read while closing only to see the broker out: unacknowledged, redelivered
         self._metrics.received += 1
         local = self.tracker.track(mid, qos)
-        if self.session.intercept(topic, payload, self.publish):
+        if self._intercepts and self.session.intercept(topic, payload, self.publish):
             self.tracker.settle([local])  # the connection's own business: nothing to store
             return
         seq = local * self._stride + self._tag
