@@ -193,7 +193,9 @@ class PersistenceAgent(Agent):
         # the payload's shape, and a large array never looks like a slow database.
         new: list[bool] = []  # per reading: a new row committed now
         committed = 0
-        for start in range(0, max(len(readings), 1), self.batch_size):
+        # Nothing to store (a Sparkplug death, a command): settle without a round trip.
+        parts = range(0, max(len(readings), 1), self.batch_size) if readings or rejections else ()
+        for start in parts:
             part = readings[start : start + self.batch_size]
             result = await self._make_durable(part, rejections if start == 0 else [])
             if result is None:  # spooled: the drainer announces these rows once replayed

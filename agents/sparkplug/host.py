@@ -72,11 +72,8 @@ class SparkplugHost:
         self, topic: sp.SparkplugTopic, payload: Payload, message: RawMessage
     ) -> list[Reading]:
         key = topic.device_id
-        if topic.verb == "NBIRTH":
-            bdseq = sp.bdseq(payload)
-            if bdseq is None:
-                raise PayloadError(sp.SPARKPLUG_NO_BDSEQ, f"{key}: NBIRTH without a bdSeq metric")
-            birth = Birth(bdseq=bdseq, templates=sp.template_definitions(payload))
+        if topic.verb == "NBIRTH":  # its bdSeq was checked in _decode
+            birth = Birth(bdseq=sp.bdseq(payload), templates=sp.template_definitions(payload))
         else:
             birth = Birth()
             if self._births.get(topic.node_id) is None:
