@@ -8,6 +8,7 @@ not stored. Values are read by ``metric_value`` (``edge.sparkplug_values`` says 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,13 +26,15 @@ from edge.sparkplug_encoding import (
 from edge.sparkplug_values import (
     DATATYPE_NAMES,
     DATATYPES,
+    SIGNED_BITS,
     SPARKPLUG_BAD_METRIC,
+    UNSIGNED_BITS,
     MetricValue,
     Templates,
     datetime_of_ms,
     metric_label,
     metric_value,
-    plain_number,
+    shortest_float32,
 )
 
 __all__ = [
@@ -229,4 +232,29 @@ def bdseq(payload: Payload) -> int | None:
         if which == "long_value":
             return metric.long_value if metric.long_value < 1 << 63 else None
         return metric.int_value if which == "int_value" else None
+    return None
+
+
+_DOUBLE, _FLOAT = DATATYPES["Double"], DATATYPES["Float"]
+# The largest int_value each small integer type reads as itself (no sign to extend).
+_PLAIN_INTS = {
+    **{code: (1 << (bits - 1)) - 1 for code, bits in SIGNED_BITS.items() if bits <= 32},
+    **{code: (1 << bits) - 1 for code, bits in UNSIGNED_BITS.items() if bits <= 32},
+}
+
+
+def plain_number(metric: Payload.Metric, datatype: int) -> float | None:
+    """The hot path's shortcut: a finite Double, Float or small non-negative integer value
+    read directly, or None when ``metric_value`` must decide (any other case)."""
+    which = metric.WhichOneof("value")
+    if which == "double_value":
+        number: float = metric.double_value
+        return number if datatype == _DOUBLE and math.isfinite(number) else None
+    if which == "float_value":
+        if datatype != _FLOAT or not math.isfinite(metric.float_value):
+            return None
+        return shortest_float32(metric.float_value)
+    if which == "int_value":
+        raw, largest = metric.int_value, _PLAIN_INTS.get(datatype, -1)
+        return float(raw) if raw <= largest else None  # negatives: metric_value decides
     return None

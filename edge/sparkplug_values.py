@@ -47,6 +47,7 @@ __all__ = [
     "datetime_of_ms",
     "metric_label",
     "metric_value",
+    "shortest_float32",
 ]
 
 SPARKPLUG_BAD_METRIC = "sparkplug_bad_metric"
@@ -191,7 +192,7 @@ def _basic(holder: Holder, datatype: int, label: Label) -> bool | int | float | 
     if datatype in SIGNED_BITS or datatype in UNSIGNED_BITS:
         return _integer(holder, datatype, label)
     if datatype == _FLOAT and which == "float_value":
-        return _finite(_shortest_float32(holder.float_value), label)
+        return _finite(shortest_float32(holder.float_value), label)
     if datatype == _DOUBLE and which == "double_value":
         return _finite(holder.double_value, label)
     if datatype == _BOOLEAN and which == "boolean_value":
@@ -242,7 +243,7 @@ def _finite(number: float, label: Label) -> float:
     return number
 
 
-def _shortest_float32(number: float) -> float:
+def shortest_float32(number: float) -> float:
     """The shortest decimal that is the same float32 as ``number`` (a float32 widened)."""
     if not math.isfinite(number):
         return number
@@ -305,7 +306,7 @@ def _array(data: bytes, datatype: int, label: str) -> list[JsonValue]:
         raise bad_metric(label, f"{len(data)} bytes is not a whole {_type_name(datatype)}")
     items = [item for (item,) in struct.iter_unpack(f"<{code}", data)]
     if datatype == _FLOAT_ARRAY:
-        return [_finite(_shortest_float32(item), label) for item in items]
+        return [_finite(shortest_float32(item), label) for item in items]
     if datatype == _DOUBLE_ARRAY:
         return [_finite(item, label) for item in items]
     if datatype == _DATE_TIME_ARRAY:
@@ -389,27 +390,3 @@ def _parameters(
             raise bad_metric(f"{label} parameter {name}", "no type")
         parameters[name] = _optional_basic(parameter, datatype, f"{label} parameter {name}")
     return parameters
-
-
-# The largest int_value each small integer type reads as itself (no sign to extend).
-_PLAIN_INTS = {
-    **{code: (1 << (bits - 1)) - 1 for code, bits in SIGNED_BITS.items() if bits <= 32},
-    **{code: (1 << bits) - 1 for code, bits in UNSIGNED_BITS.items() if bits <= 32},
-}
-
-
-def plain_number(metric: Payload.Metric, datatype: int) -> float | None:
-    """The hot path's shortcut: a finite Double, Float or small non-negative integer value
-    read directly, or None when ``metric_value`` must decide (any other case)."""
-    which = metric.WhichOneof("value")
-    if which == "double_value":
-        number: float = metric.double_value
-        return number if datatype == _DOUBLE and math.isfinite(number) else None
-    if which == "float_value":
-        if datatype != _FLOAT or not math.isfinite(metric.float_value):
-            return None
-        return _shortest_float32(metric.float_value)
-    if which == "int_value":
-        raw, largest = metric.int_value, _PLAIN_INTS.get(datatype, -1)
-        return float(raw) if raw <= largest else None  # negatives: metric_value decides
-    return None

@@ -233,10 +233,10 @@ def retained(port: int, topic_filter: str, expected: int = 1) -> dict[str, Any]:
     (``expected``: how many topics to wait for, at most 5 s)."""
     collector = Collector(port, topic_filter)
     try:
+        # Retained messages come as one burst on subscribing: wait for the ones expected.
         deadline = time.monotonic() + 5
         while collector.count() < expected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # nothing else retained is on its way
+            time.sleep(0.02)  # poll until the deadline
         # The last per topic: one published meanwhile (not retained) is the current one.
         return {m.topic: _json(m.payload) for m in collector.messages}
     finally:
@@ -501,7 +501,7 @@ def test_alias_only_data_seq_wrap_gaps_and_rebirth_cooldown(
     assert daemon.metric("ingestd_sparkplug_seq_errors_total") == 2
     assert daemon.metric("ingestd_sparkplug_rebirth_requests_total") == 1
     # The next one after the cooldown does send one (proves the silence above was the cooldown).
-    time.sleep(3.2)
+    time.sleep(3.2)  # not a wait for state: the cooldown is wall time, and it must pass
     edge.seq = (edge.seq + 2) % 256
     gap3_at = gap2_at + timedelta(seconds=1)
     edge.send("DDATA", [by_alias(10, "Double", -3.0, gap3_at)], device="dev1", timestamp=gap3_at)
@@ -742,7 +742,11 @@ def test_clean_stop_publishes_offline_with_the_time_of_the_stop(
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     try:
-        time.sleep(0.5)
+        # Stop mid-stream: once ingestd is receiving the traffic.
+        deadline = time.monotonic() + 10
+        while daemon.metric("ingestd_messages_received_total") < 50 and time.monotonic() < deadline:
+            time.sleep(0.02)  # poll until the deadline
+        assert daemon.metric("ingestd_messages_received_total") >= 50
         stopping = time.time() * 1000
         assert daemon.stop() == 0
     finally:
