@@ -9,7 +9,6 @@ settling routes each number back to the connection it came on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 from agents.budget import InflightBudget
 from agents.bus import Inbox
@@ -71,9 +70,6 @@ class Intake:
     def pending(self) -> int:
         """Messages received and not yet acknowledged, on every connection."""
         return sum(source.tracker.pending for source in self.sources)
-
-    def trackers(self) -> Iterator[object]:
-        return (source.tracker for source in self.sources)
 
     def stop_intake(self) -> None:
         for source in self.sources:
