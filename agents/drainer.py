@@ -58,15 +58,17 @@ class SpoolDrainer:
 
     async def run(self) -> None:
         while True:
-            batch = await self.spool.oldest(self.batch_size)
-            if batch is None:
-                if self.storage.database_up:
-                    self.storage.spooled.clear()
-                    if self.spool.stats.batches == 0:
-                        await self.storage.spooled.wait()
-                    continue
+            if not self.storage.database_up:
+                # Probe with a cheap query at most 2 s apart, not with a replay whose backoff
+                # grows to retry_max_seconds: a database that comes back is noticed at once.
                 await self._retrying(self.writer.ping, max_wait=2.0)
                 self.storage.mark_up()
+                continue
+            batch = await self.spool.oldest(self.batch_size)
+            if batch is None:
+                self.storage.spooled.clear()
+                if self.spool.stats.batches == 0:
+                    await self.storage.spooled.wait()
                 continue
             await self._replay(batch)
 
