@@ -1,4 +1,5 @@
-"""The agent bus, its events and the agents that validate, enrich, persist and publish."""
+"""The agent bus, its events and the agents that validate, enrich, persist and publish, and
+the ones that turn stored readings into alerts and maintenance tasks."""
 
 from agents.base import Agent, Service
 from agents.bus import Bus, Inbox, UnroutedEventError
@@ -6,6 +7,8 @@ from agents.decoding import Decoder, DecoderContext, Route, Router
 from agents.drainer import SpoolDrainer
 from agents.enrichment import EnrichmentAgent
 from agents.events import (
+    AlertsRaised,
+    AlertsStored,
     EnrichedMessage,
     RawMessage,
     ReadingsStored,
@@ -14,6 +17,7 @@ from agents.events import (
     ValidatedMessage,
 )
 from agents.formats import DECODERS
+from agents.maintenance import MaintenanceAgent
 from agents.metrics import PipelineMetrics
 from agents.outbound import Outbound
 from agents.persistence import PersistenceAgent
@@ -27,6 +31,8 @@ __all__ = [
     "DECODERS",
     "REASONS",
     "Agent",
+    "AlertsRaised",
+    "AlertsStored",
     "Bus",
     "Decoder",
     "DecoderContext",
@@ -35,6 +41,7 @@ __all__ = [
     "EnrichmentAgent",
     "EventSettings",
     "Inbox",
+    "MaintenanceAgent",
     "NotDurableError",
     "Outbound",
     "PersistenceAgent",

@@ -7,6 +7,7 @@ crashed is handed to ``recover`` on the next start, so no message is ever strand
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ class Agent(ABC):
         self.inbox = inbox
         self.last_progress = time.monotonic()
         self._in_hand: list[Any] = []
+        self.idle = asyncio.Event()  # set while nothing is in hand or waiting
 
     async def run(self) -> None:
         """Process batches until cancelled; an exception means a crash (the supervisor restarts)."""
@@ -49,7 +51,10 @@ class Agent(ABC):
             await self.recover(self._in_hand)
             self._in_hand = []
         while True:
+            if self.inbox.empty():
+                self.idle.set()
             batch = await self.inbox.get_batch(self.batch_limit)
+            self.idle.clear()
             self._in_hand = batch
             await self.handle(batch)
             self._in_hand = []

@@ -18,12 +18,12 @@ import orjson
 from tenacity import retry_if_exception_type, retry_if_not_exception_type
 
 from agents.bus import Bus
-from agents.events import ReadingsStored
+from agents.events import AlertsStored, ReadingsStored
 from agents.metrics import PipelineMetrics
 from agents.reasons import STORAGE_REJECTED
 from agents.retry import backoff
 from agents.storage import Storage
-from db.rows import ReadingRow, RejectionRow
+from db.rows import AlertOutcome, ReadingRow, RejectionRow
 from db.spool import Spool, SpooledBatch, SpoolError
 from db.writer import RowRejected, StorageError, Writer, WriteResult
 
@@ -76,7 +76,13 @@ class SpoolDrainer:
         started = time.monotonic()
         try:
             result = await self._retrying(
-                partial(self.writer.write, batch.readings, batch.rejections, replay=True)
+                partial(
+                    self.writer.write,
+                    batch.readings,
+                    batch.rejections,
+                    replay=True,
+                    alerts=batch.alerts,
+                )
             )
         except RowRejected as exc:
             log.warning(
@@ -93,6 +99,8 @@ class SpoolDrainer:
         self.last_progress = time.monotonic()
         if stored:
             await self.bus.publish(ReadingsStored(stored))
+        if result.alerts:
+            await self.bus.publish(AlertsStored(result.alerts))
         if not self.spool.stats.batches:
             log.info("spool drained")
 
@@ -119,7 +127,19 @@ class SpoolDrainer:
                 new.append(False)
         for rejection in batch.rejections:
             await self._retrying(partial(self.writer.write, [], [rejection], replay=True))
-        return WriteResult(new, len(batch.rejections))
+        alerts: list[AlertOutcome] = []
+        if batch.alerts:
+            try:
+                written = await self._retrying(
+                    partial(self.writer.write, [], [], replay=True, alerts=batch.alerts)
+                )
+                alerts = written.alerts
+            except RowRejected as exc:  # a bug, not data a device sent: log it, go on
+                log.error(  # noqa: TRY400
+                    "spooled alert changes refused by the database",
+                    extra={"error": str(exc), "changes": [str(c) for c in batch.alerts]},
+                )
+        return WriteResult(new, len(batch.rejections), alerts)
 
     async def _store_refused(self, row: ReadingRow, exc: RowRejected) -> WriteResult:
         """A reading the database refuses becomes a dead letter holding the reading as JSON."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
-from db.rows import ReadingRow
+from db.rows import AlertChange, AlertOutcome, ReadingRow
 from edge.readings import Reading
 
 __all__ = [
+    "AlertsRaised",
+    "AlertsStored",
     "EnrichedMessage",
     "RawMessage",
     "ReadingsStored",
@@ -80,3 +82,16 @@ class RejectionsStored(NamedTuple):
     """Rejections just made durable, for the DataProcessingFailed events."""
 
     rejections: list[RejectedMessage]
+
+
+class AlertsRaised(NamedTuple):
+    """Alerts the AnomalyAgent opened or closed, for the MaintenanceAgent to store."""
+
+    changes: list[AlertChange]
+
+
+class AlertsStored(NamedTuple):
+    """Alert changes just committed (by the MaintenanceAgent, or replayed from the spool),
+    with the task changes they made: the alert and maintenance events."""
+
+    outcomes: list[AlertOutcome]

@@ -25,7 +25,7 @@ __all__ = ["EVENT_KINDS", "LATENCY_BUCKETS", "MAX_TRACKED_DEVICES", "PipelineMet
 MAX_TRACKED_DEVICES = 10_000
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-EVENT_KINDS = ("processed", "failed")
+EVENT_KINDS = ("processed", "failed", "alert", "maintenance")
 
 
 class PipelineMetrics:

@@ -1,4 +1,5 @@
-"""Publisher: DataProcessed and DataProcessingFailed events on MQTT, after the commit.
+"""Publisher: DataProcessed, DataProcessingFailed, AnomalyDetected and MaintenanceTask
+events on MQTT, after the commit.
 
 Events are notifications; the stored row or rejection is the record. Publishing never
 blocks the pipeline: while the broker is away, events that cannot be queued are
@@ -15,24 +16,20 @@ from typing import Any, assert_never
 
 import orjson
 
+from agents.alert_events import alert_event, task_event
 from agents.base import Agent
 from agents.bus import Bus, Inbox
 from agents.cache import BoundedCache
-from agents.events import ReadingsStored, RejectionsStored
+from agents.events import AlertsStored, ReadingsStored, RejectionsStored
 from agents.metrics import PipelineMetrics
 from agents.outbound import Outbound
 from db.rows import ReadingRow
 from edge.readings import format_ts
+from edge.topics import topic_segment
 
 __all__ = ["EventSettings", "Publisher", "topic_segment"]
 
 _TOPIC_CACHE_SIZE = 100_000
-_TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
-
-
-def topic_segment(text: str | None) -> str:
-    """A value safe as one topic level (no separators or wildcards)."""
-    return text.translate(_TOPIC_UNSAFE) if text else "_unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +40,7 @@ class EventSettings:
     processed: bool = True
     processed_qos: int = 0
     failed_qos: int = 1
+    alerts_qos: int = 1
     max_payload_bytes: int = 64 * 1024
 
 
@@ -76,6 +74,7 @@ class Publisher(Agent):
         self._processed = settings.processed
         self._processed_qos = settings.processed_qos
         self._failed_qos = settings.failed_qos
+        self._alerts_qos = settings.alerts_qos
         self._max_payload_bytes = settings.max_payload_bytes
         self._processed_topics.clear()
 
@@ -83,7 +82,7 @@ class Publisher(Agent):
         self._event_seq += 1
         return f"{self._event_prefix}{self._event_seq:x}"
 
-    async def handle(self, batch: list[ReadingsStored | RejectionsStored]) -> None:
+    async def handle(self, batch: list[ReadingsStored | RejectionsStored | AlertsStored]) -> None:
         for event in batch:
             match event:
                 case ReadingsStored():
@@ -92,6 +91,8 @@ class Publisher(Agent):
                     self._release(event.done)
                 case RejectionsStored():
                     self._publish_failed(event)
+                case AlertsStored():
+                    self._publish_alerts(event)
                 case _:
                     assert_never(event)
 
@@ -151,6 +152,19 @@ class Publisher(Agent):
             topic = f"{self._prefix}/failed/{topic_segment(rejection.device_id)}"
             sent += self._send(topic, orjson.dumps(body), self._failed_qos)
         self._count("failed", sent, len(event.rejections))
+
+    def _publish_alerts(self, event: AlertsStored) -> None:
+        """One AnomalyDetected event per alert change, one MaintenanceTask event per task
+        change it made (both QoS 1 by default: alerts are what people act on)."""
+        alerts = tasks = task_changes = 0
+        for outcome in event.outcomes:
+            alerts += self._send(*alert_event(outcome, self._prefix), self._alerts_qos)
+            if outcome.task is not None and outcome.task_change is not None:
+                task_changes += 1
+                topic, body = task_event(outcome.task, outcome.task_change, self._prefix)
+                tasks += self._send(topic, body, self._alerts_qos)
+        self._count("alert", alerts, len(event.outcomes))
+        self._count("maintenance", tasks, task_changes)
 
     def _count(self, kind: str, sent: int, total: int) -> None:
         if sent:

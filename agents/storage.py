@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from agents.metrics import PipelineMetrics
-from db.rows import ReadingRow, RejectionRow
+from db.rows import AlertChange, ReadingRow, RejectionRow
 from db.spool import Spool, SpoolError
 from db.writer import RowRejected, StorageError, Writer, WriteResult
 from edge.errors import IngestdError
@@ -88,33 +88,50 @@ class Storage:
         self.metrics.database_up.set(0)
 
     async def store(
-        self, readings: Sequence[ReadingRow], rejections: Sequence[RejectionRow]
+        self,
+        readings: Sequence[ReadingRow],
+        rejections: Sequence[RejectionRow],
+        alerts: Sequence[AlertChange] = (),
+        *,
+        in_order: bool = False,
     ) -> WriteResult | None:
-        """Commit (a WriteResult) or spool (None); raises NotDurableError or RowRejected."""
-        if self.database_up or self.spool is None:
+        """Commit (a WriteResult) or spool (None); raises NotDurableError or RowRejected.
+
+        ``in_order``: spool while the spool still holds older batches, so these are applied
+        after them (an alert's closing must not overtake its spooled opening).
+        """
+        spool = self.spool
+        behind = in_order and spool is not None and spool.stats.batches > 0
+        if (self.database_up or spool is None) and not behind:
             started = time.monotonic()
             try:
-                result = await self.writer.write(readings, rejections)
+                result = await self.writer.write(readings, rejections, alerts=alerts)
             except RowRejected:
                 raise
             except StorageError as exc:
                 self.mark_down(exc)
-                if self.spool is None:
+                if spool is None:
                     raise NotDurableError(str(exc)) from exc
             else:
                 self.mark_up()
                 self._spool_has_room()  # nothing is withheld any more
-                self.metrics.write_seconds.observe(time.monotonic() - started)
-                self.metrics.batch_size.observe(len(readings))
+                if readings:  # an alerts-only write is not a batch of readings
+                    self.metrics.write_seconds.observe(time.monotonic() - started)
+                    self.metrics.batch_size.observe(len(readings))
                 return result
-        await self._spool(self.spool, readings, rejections)
+        assert spool is not None  # the branch above returns or raises without one
+        await self._spool(spool, readings, rejections, alerts)
         return None
 
     async def _spool(
-        self, spool: Spool, readings: Sequence[ReadingRow], rejections: Sequence[RejectionRow]
+        self,
+        spool: Spool,
+        readings: Sequence[ReadingRow],
+        rejections: Sequence[RejectionRow],
+        alerts: Sequence[AlertChange],
     ) -> None:
         try:
-            await spool.put(list(readings), list(rejections))
+            await spool.put(list(readings), list(rejections), list(alerts))
         except SpoolError as exc:
             if not self.spool_full:
                 self.spool_full = True

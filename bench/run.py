@@ -55,6 +55,7 @@ TARGET_ARRAYS_VS_SINGLES = 1.5  # readings/s of ingestd-arrays / ingestd-singles
 ARRAYS = (2_000, 200)  # (default, --quick) messages of the array backlogs
 ARRAY_SCENARIOS = ("ingestd-arrays", "ingestd-near-limit", "ingestd-singles")
 TARGET_SPARKPLUG_VS_JSON = 2.0  # readings/s of sparkplug-ddata / ingestd (JSON singles)
+TARGET_ANOMALY_ON_VS_OFF = 0.9  # readings/s of ingestd (detection on) / ingestd-noanomaly
 SPARKPLUG_MESSAGES = (40_000, 4_000)  # (default, --quick) DDATA of sparkplug-ddata
 
 
@@ -303,6 +304,12 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         checks.append(
             _check(f"arrays >= {TARGET_ARRAYS_VS_SINGLES:g}x singles (readings/s)", arrays,
                    _at_least(arrays, TARGET_ARRAYS_VS_SINGLES), "x")
+        )  # fmt: skip
+    if "ingestd-noanomaly" in summary:
+        on_off = ratio(summary, "ingestd", "ingestd-noanomaly")
+        checks.append(
+            _check(f"anomaly on >= {TARGET_ANOMALY_ON_VS_OFF:g}x off (drain)", on_off,
+                   _at_least(on_off, TARGET_ANOMALY_ON_VS_OFF), "x")
         )  # fmt: skip
     if "sparkplug-ddata" in summary:
         spb = ratio(summary, "sparkplug-ddata", "ingestd")

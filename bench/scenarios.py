@@ -210,6 +210,14 @@ class IngestdNoEvents(Ingestd):
     settings: ClassVar[dict[str, str]] = {"INGESTD_PUBLISH__PROCESSED": "false"}
 
 
+class IngestdNoAnomaly(Ingestd):
+    """The drain with anomaly detection off: what detection costs the default drain."""
+
+    name = "ingestd-noanomaly"
+    describe = "ingestd run with INGESTD_ANOMALY__ENABLED=false (no detectors, alerts, tasks)"
+    settings: ClassVar[dict[str, str]] = {"INGESTD_ANOMALY__ENABLED": "false"}
+
+
 class IngestdWan(Ingestd):
     """The drain with PostgreSQL 50 ms away (25 ms each way); defaults, as deployed."""
 
@@ -368,12 +376,13 @@ class ScaleOut(Scenario):
 SCENARIOS: dict[str, type[Scenario]] = {
     s.name: s
     for s in (
-        Ceiling, Naive, Ingestd, IngestdNoEvents, IngestdWan, IngestdProxy, ScaleOut,
+        Ceiling, Naive, Ingestd, IngestdNoEvents, IngestdNoAnomaly, IngestdWan, IngestdProxy,
+        ScaleOut,
         IngestdArrays, IngestdNearLimit, IngestdSingles, SparkplugDdata, Latency, LatencyFloor,
         Soak, CatchUp,
     )
 }  # fmt: skip
 DEFAULT_SCENARIOS = (
-    "ceiling", "naive", "ingestd", "ingestd-wan", "scale-out", "sparkplug-ddata", "latency",
-    "soak", "catch-up",
+    "ceiling", "naive", "ingestd", "ingestd-noanomaly", "ingestd-wan", "scale-out",
+    "sparkplug-ddata", "latency", "soak", "catch-up",
 )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The ``ingestd`` command line: run, migrate, check-config, simulate, demo, anomaly replay."""
+"""The ``ingestd`` command line: run, migrate, check-config, spool, anomaly, tasks, simulate,
+demo."""
 
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_replay(anomaly_commands)
 
+    from daemon import tasks_cli  # noqa: PLC0415 - `ingestd run` needs none of it
+
+    tasks_cli.add_arguments(command)
     from edge import simulator  # noqa: PLC0415 - keeps `ingestd run` from importing the simulator
 
     simulator.add_arguments(

@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon.config_anomaly import AnomalyConfig
 from daemon.config_sections import (
     DaemonConfig,
     DatabaseConfig,
@@ -40,6 +41,7 @@ from daemon.config_sections import (
 from edge.errors import IngestdError
 
 __all__ = [
+    "AnomalyConfig",
     "Config",
     "ConfigError",
     "DaemonConfig",
@@ -85,6 +87,7 @@ class Config(BaseSettings):
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
     sparkplug: SparkplugConfig = SparkplugConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
     log: LogConfig = LogConfig()
     daemon: DaemonConfig = DaemonConfig()
 

@@ -224,6 +224,7 @@ class PublishConfig(Section):
     processed: bool = True
     processed_qos: Literal[0, 1] = 0
     failed_qos: Literal[0, 1] = 1
+    alerts_qos: Literal[0, 1] = 1  # AnomalyDetected and MaintenanceTask events
     # Outbound events wait here while the broker is away; beyond it they are counted as dropped
     # (the stored row or rejection remains the record).
     max_queued: int = Field(default=10_000, ge=1)

@@ -10,6 +10,7 @@ not done within the timeout stays unacknowledged and is redelivered on the next 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -220,6 +221,9 @@ class Supervisor:
                 await intake.close()
         except TimeoutError:
             log.warning("broker did not confirm the disconnect")
+        with contextlib.suppress(TimeoutError):  # detections are not acknowledged: no wait past it
+            async with asyncio.timeout(min(2.0, max(0.0, self._remaining() - 2.5))):
+                await self.daemon.finish_alerts()
         for task in [*self._tasks.values(), *self._helpers]:
             task.cancel()
 
@@ -231,6 +235,7 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self._reloads, return_exceptions=True)
         try:
+            await self.daemon.close_anomaly()
             await self.daemon.storage.close(grace_seconds=min(2.0, self._remaining()))
         finally:
             await self.daemon.http.close()

@@ -6,17 +6,22 @@ URL, a decoder per source by its format. Nothing downstream asks which one it go
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from agents.anomaly.agent import AnomalyAgent
+from agents.anomaly.metrics import AnomalyMetrics
 from agents.base import Service
 from agents.bus import Bus
 from agents.decoding import DecoderContext, Route, Router
 from agents.drainer import SpoolDrainer
 from agents.enrichment import EnrichmentAgent
 from agents.events import (
+    AlertsRaised,
+    AlertsStored,
     EnrichedMessage,
     RawMessage,
     ReadingsStored,
@@ -25,6 +30,7 @@ from agents.events import (
     ValidatedMessage,
 )
 from agents.formats import DECODERS
+from agents.maintenance import MaintenanceAgent
 from agents.metrics import PipelineMetrics
 from agents.outbound import Outbound
 from agents.persistence import PersistenceAgent
@@ -44,9 +50,18 @@ from daemon.metrics import (
     WindowCollector,
 )
 from db.backends import WriterOptions, backend_for
+from db.series_store import SeriesStore
 from db.spool import Spool
 
-__all__ = ["Daemon", "build_routes", "event_settings", "file_registry", "prepare_schema", "wire"]
+__all__ = [
+    "Daemon",
+    "build_routes",
+    "event_settings",
+    "file_registry",
+    "prepare_schema",
+    "wire",
+    "writer_options",
+]
 
 # Room in the validation inbox beyond the in-flight window: what paho may deliver in one read.
 _READ_SLACK = 1024
@@ -70,12 +85,34 @@ class Daemon:
     publisher: Publisher
     drainer: SpoolDrainer | None
     http: HealthServer
+    anomaly: AnomalyAgent | None = None
+    maintenance: MaintenanceAgent | None = None
 
     @property
     def services(self) -> list[Service]:
         """What the supervisor runs and restarts: the agents and the spool drainer."""
         agents: list[Service] = [self.validation, self.enrichment, self.persistence, self.publisher]
-        return [*agents, *([self.drainer] if self.drainer else [])]
+        optional = (self.drainer, self.anomaly, self.maintenance)
+        return [*agents, *(service for service in optional if service is not None)]
+
+    async def finish_alerts(self) -> None:
+        """At a clean stop, once intake is drained: wait until the detectors, then the
+        maintenance agent they feed, have nothing left to do (the caller bounds the wait)."""
+        for agent in (self.anomaly, self.maintenance):
+            if agent is None:
+                continue
+            # Idle with a batch in its inbox: the batch is handed over but not yet taken.
+            while not (agent.idle.is_set() and agent.inbox.empty()):
+                if agent.idle.is_set():
+                    await asyncio.sleep(0)
+                else:
+                    await agent.idle.wait()
+
+    async def close_anomaly(self) -> None:
+        """Save what the detectors learned (after their task stopped)."""
+        if self.anomaly is not None and self.anomaly.store is not None:
+            await self.anomaly.save()
+            await self.anomaly.store.close()
 
     def not_ready_reason(self) -> str | None:
         """None when ready: broker connected and readings can be made durable."""
@@ -103,7 +140,9 @@ def wire(
         max_payload_bytes=limit, batches_in_flight=config.database.batches_in_flight,
     )  # fmt: skip
     # Its events are whole batches: a few dozen of them bound what waits for the broker.
-    publish_inbox = bus.inbox("publisher", _EVENT_BATCHES, ReadingsStored, RejectionsStored)
+    publish_inbox = bus.inbox(
+        "publisher", _EVENT_BATCHES, ReadingsStored, RejectionsStored, AlertsStored
+    )
     routes = build_routes(config, intake.host_outbound, pipeline)
     daemon = Daemon(
         config=config,
@@ -123,8 +162,28 @@ def wire(
         drainer=_drainer(config, storage, bus, pipeline),
         http=HealthServer(config.metrics.host, config.metrics.port, registry, readiness),
     )
+    _wire_anomaly(daemon, AnomalyMetrics(registry))
     _register_collectors(daemon, readiness)
     return daemon
+
+
+def _wire_anomaly(daemon: Daemon, counts: AnomalyMetrics) -> None:
+    """The AnomalyAgent (fed by stored readings through an inbox that skips, never waits)
+    and the MaintenanceAgent that stores its alerts; neither when anomaly.enabled is off."""
+    config, bus, pipeline = daemon.config, daemon.bus, daemon.metrics.pipeline
+    if not config.anomaly.enabled:
+        return
+    settings = config.anomaly.settings()
+    inbox = bus.inbox("anomaly", config.anomaly.queue_batches, ReadingsStored)
+    daemon.anomaly = AnomalyAgent(
+        bus, pipeline, inbox, settings, counts, daemon.registry,
+        SeriesStore(config.state_dir / "anomaly.db"), daemon.storage.writer.open_alerts,
+    )  # fmt: skip
+    inbox.overflow = daemon.anomaly.overflow
+    daemon.maintenance = MaintenanceAgent(
+        bus, pipeline, bus.inbox("maintenance", _EVENT_BATCHES, AlertsRaised),
+        daemon.storage, settings, counts,
+    )  # fmt: skip
 
 
 def _drainer(
@@ -138,14 +197,14 @@ def _drainer(
 
 def _storage(config: Config, metrics: Metrics) -> Storage:
     backend = backend_for(config.database_url)
-    writer = backend.writer(_writer_options(config))
+    writer = backend.writer(writer_options(config))
     # Store and forward is for a database across a network; the embedded SQLite file is
     # as local as a spool would be.
     spool = Spool(config.spool_path, config.spool.max_bytes) if backend.spooled else None
     return Storage(writer, spool, metrics.pipeline)
 
 
-def _writer_options(config: Config) -> WriterOptions:
+def writer_options(config: Config) -> WriterOptions:
     return WriterOptions(
         config.database_url,
         command_timeout=config.database.command_timeout_seconds,
@@ -199,6 +258,7 @@ def event_settings(config: Config) -> EventSettings:
         processed=publish.processed,
         processed_qos=publish.processed_qos,
         failed_qos=publish.failed_qos,
+        alerts_qos=publish.alerts_qos,
         max_payload_bytes=config.ingest.max_payload_bytes,
     )
 
@@ -211,4 +271,4 @@ def file_registry(config: Config) -> DeviceRegistry:
 
 def prepare_schema(config: Config) -> str | None:
     """Migrate the embedded SQLite file; check a PostgreSQL schema. Returns a problem or None."""
-    return backend_for(config.database_url).prepare(_writer_options(config))
+    return backend_for(config.database_url).prepare(writer_options(config))

@@ -2,15 +2,34 @@
 local store-and-forward spool, and the schema (SQLAlchemy models, Alembic)."""
 
 from db.backends import Backend, WriterOptions, backend_for
-from db.rows import READING_COLUMNS, REJECTION_COLUMNS, ReadingRow, RejectionRow
+from db.rows import (
+    ALERT_CLOSED,
+    ALERT_OPEN,
+    READING_COLUMNS,
+    REJECTION_COLUMNS,
+    TASK_PRIORITIES,
+    TASK_STATUSES,
+    AlertChange,
+    AlertOutcome,
+    ReadingRow,
+    RejectionRow,
+    TaskRow,
+)
 from db.spool import Spool, SpooledBatch, SpoolError, SpoolFull, SpoolStats, read_stats
-from db.writer import ERROR_KINDS, RowRejected, StorageError, Writer, WriteResult
+from db.writer import ERROR_KINDS, OpenAlert, RowRejected, StorageError, Writer, WriteResult
 
 __all__ = [
+    "ALERT_CLOSED",
+    "ALERT_OPEN",
     "ERROR_KINDS",
     "READING_COLUMNS",
     "REJECTION_COLUMNS",
+    "TASK_PRIORITIES",
+    "TASK_STATUSES",
+    "AlertChange",
+    "AlertOutcome",
     "Backend",
+    "OpenAlert",
     "ReadingRow",
     "RejectionRow",
     "RowRejected",
@@ -20,6 +39,7 @@ __all__ = [
     "SpoolStats",
     "SpooledBatch",
     "StorageError",
+    "TaskRow",
     "WriteResult",
     "Writer",
     "WriterOptions",

@@ -9,13 +9,16 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -30,6 +33,7 @@ class Base(DeclarativeBase):
             "uq": "uq_%(table_name)s_%(column_0_N_name)s",
             "pk": "pk_%(table_name)s",
             "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
         }
     )
 
@@ -60,6 +64,7 @@ class SensorReading(Base):
 
     __table_args__ = (
         CheckConstraint("(value IS NULL) <> (value_text IS NULL)", name="value_or_text"),
+        Index(None, "ts"),
     )
 
 
@@ -105,34 +110,85 @@ class Device(Base):
 
 
 class AnomalyAlert(Base):
-    """An anomaly the detector raised on the stream (filled by the anomaly agent)."""
+    """One alert episode of a series and kind: opened at a reading's ts, closed at a later
+    reading's (migration 0004). The natural key makes writing it idempotent; the partial
+    unique index keeps at most one alert open per series and kind."""
 
     __tablename__ = "anomaly_alerts"
-    __table_args__ = (Index(None, "device_id", "sensor_id", "ts"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "sensor_id", "kind", "ts"),
+        Index(
+            "ux_anomaly_alerts_open",
+            "device_id",
+            "sensor_id",
+            "kind",
+            unique=True,
+            postgresql_where=text("closed_at IS NULL"),
+            sqlite_where=text("closed_at IS NULL"),
+        ),
+        Index(None, "task_id"),
+        Index(None, "ts"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     device_id: Mapped[str] = mapped_column(Text)
     sensor_id: Mapped[str] = mapped_column(Text)
-    value: Mapped[float] = mapped_column(Float(precision=53))
     kind: Mapped[str] = mapped_column(Text)
-    score: Mapped[float | None] = mapped_column(Float(precision=53))
-    detail: Mapped[str | None] = mapped_column(Text)
+    value: Mapped[float | None] = mapped_column(Float(precision=53))
+    score: Mapped[float] = mapped_column(Float(precision=53))
+    detail: Mapped[str] = mapped_column(Text)
     correlation_id: Mapped[str | None] = mapped_column(Text)
+    unit: Mapped[str | None] = mapped_column(Text)
+    site: Mapped[str | None] = mapped_column(Text)
+    area: Mapped[str | None] = mapped_column(Text)
+    line: Mapped[str | None] = mapped_column(Text)
+    asset: Mapped[str | None] = mapped_column(Text)
+    sensor_type: Mapped[str | None] = mapped_column(Text)
+    # The maintenance task this alert fed.
+    task_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("maintenance_tasks.id", ondelete="SET NULL")
+    )
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class MaintenanceTask(Base):
-    """Work raised for a maintenance team from alerts."""
+    """Work for a maintenance team: one open task per subject (asset, else device) and kind,
+    fed by the alerts that attach to it (migration 0004)."""
 
     __tablename__ = "maintenance_tasks"
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'acknowledged', 'closed')", name="status"),
+        CheckConstraint("priority IN ('low', 'medium', 'high')", name="priority"),
+        Index(
+            "ux_maintenance_tasks_open",
+            "subject",
+            "kind",
+            unique=True,
+            postgresql_where=text("status <> 'closed'"),
+            sqlite_where=text("status <> 'closed'"),
+        ),
+        Index(None, "status", "id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
     device_id: Mapped[str] = mapped_column(Text)
     sensor_id: Mapped[str | None] = mapped_column(Text)
-    alert_id: Mapped[int | None] = mapped_column(BigId)
-    status: Mapped[str] = mapped_column(Text, default="open")
-    priority: Mapped[str] = mapped_column(Text, default="normal")
+    status: Mapped[str] = mapped_column(Text)
+    priority: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(Text)
+    alert_count: Mapped[int] = mapped_column(Integer, server_default="1")
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_alert_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    site: Mapped[str | None] = mapped_column(Text)
+    area: Mapped[str | None] = mapped_column(Text)
+    line: Mapped[str | None] = mapped_column(Text)
+    asset: Mapped[str | None] = mapped_column(Text)

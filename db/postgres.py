@@ -6,7 +6,8 @@ took five: BEGIN, COPY and its data, INSERT … SELECT, COMMIT), which is what k
 database 50 ms away from capping throughput, and orjson encodes it in less client CPU
 than asyncpg's COPY encoder. One statement is one transaction, so a batch is either
 wholly durable or not at all; batches with rejections add their statements in an
-explicit transaction. The conflict clause makes redeliveries and replays harmless.
+explicit transaction, as do alert changes (db.alerts). The conflict clause makes
+redeliveries and replays harmless.
 Every call runs under a timeout: a half-open connection must fail the batch, not hang
 the pipeline.
 """
@@ -14,16 +15,27 @@ the pipeline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
 
-from db.rows import READING_COLUMNS, REJECTION_COLUMNS, ReadingRow, RejectionRow
-from db.writer import ErrorKind, RowRejected, StorageError, WriteResult
+from db.alerts import AlertStore, Plan, Row, run_async
+from db.rows import (
+    READING_COLUMNS,
+    REJECTION_COLUMNS,
+    AlertChange,
+    ReadingRow,
+    RejectionRow,
+    TaskRow,
+)
+from db.writer import ErrorKind, OpenAlert, RowRejected, StorageError, WriteResult
 
 __all__ = ["PG_ERRORS", "PostgresWriter"]
+
+T = TypeVar("T")
 
 _COLS = ", ".join(READING_COLUMNS)
 _INSERT_READINGS = (
@@ -57,6 +69,10 @@ _DATA_ERRORS = (
 PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+def _aware(value: datetime) -> datetime:
+    return value  # asyncpg reads timestamptz as an aware datetime already
+
+
 def _failure(exc: BaseException, what: str = "") -> StorageError:
     kind: ErrorKind = "failed"
     if isinstance(exc, TimeoutError):
@@ -82,6 +98,7 @@ class PostgresWriter:
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
         self._pool: Any = None
+        self._alerts = AlertStore(_aware)
 
     async def start(self) -> None:
         """Open the pool; a failure here is retried by the caller like any write failure."""
@@ -111,15 +128,17 @@ class PostgresWriter:
         rejections: Sequence[RejectionRow],
         *,
         replay: bool = False,
+        alerts: Sequence[AlertChange] = (),
     ) -> WriteResult:
-        """Store rows in one transaction; ``new`` tells which readings were not stored yet.
+        """Store rows and apply alert changes in one transaction; ``new`` tells which readings
+        were not stored yet.
 
         ``replay``: the rows come from the spool and may be stored already.
         """
         await self.start()
         try:
             async with asyncio.timeout(self._command_timeout):
-                return await self._write(readings, rejections, replay)
+                return await self._write(readings, rejections, replay, alerts)
         except _DATA_ERRORS as exc:
             raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
         except PG_ERRORS as exc:
@@ -128,15 +147,49 @@ class PostgresWriter:
             raise _failure(exc) from exc
 
     async def _write(
-        self, readings: Sequence[ReadingRow], rejections: Sequence[RejectionRow], replay: bool
+        self,
+        readings: Sequence[ReadingRow],
+        rejections: Sequence[RejectionRow],
+        replay: bool,
+        alerts: Sequence[AlertChange],
     ) -> WriteResult:
         async with self._pool.acquire() as conn:
-            if not rejections:  # the common case: one statement, one round trip
+            if not rejections and not alerts:  # the common case: one statement, one round trip
                 return WriteResult(await _insert_readings(conn, readings), 0)
             async with conn.transaction():
                 new = await _insert_readings(conn, readings) if readings else []
                 stored = await _insert_rejections(conn, rejections, replay)
-        return WriteResult(new, stored)
+                outcomes = await run_async(self._alerts.apply(alerts), _fetcher(conn))
+        return WriteResult(new, stored, outcomes)
+
+    async def open_alerts(self) -> list[OpenAlert]:
+        """Every alert open now, oldest first."""
+        return await self._run(self._alerts.open_alerts(), "cannot read open alerts: ")
+
+    async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
+        """Maintenance tasks, newest first; only those in ``status`` when given."""
+        return await self._run(self._alerts.tasks(status, limit), "cannot read tasks: ")
+
+    async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
+        """Acknowledge or close a task; unchanged when it has that status or a later one."""
+        plan = self._alerts.set_task_status(task_id, status)  # ValueError: an unknown status
+        return await self._run(plan, "cannot change the task: ")
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        """Tasks by ``(status, priority)``."""
+        return await self._run(self._alerts.task_counts(), "cannot count tasks: ")
+
+    async def _run(self, plan: Plan[T], what: str) -> T:
+        """One plan outside a batch, under the same timeout and error kinds as a write."""
+        await self.start()
+        try:
+            async with asyncio.timeout(self._command_timeout), self._pool.acquire() as conn:
+                return await run_async(plan, _fetcher(conn))
+        except _DATA_ERRORS as exc:
+            raise RowRejected(f"{what}{type(exc).__name__}: {exc}") from exc
+        except PG_ERRORS as exc:
+            await self._reset()
+            raise _failure(exc, what) from exc
 
     async def ping(self) -> None:
         """Raise StorageError unless the database answers a trivial query in time."""
@@ -172,6 +225,14 @@ class PostgresWriter:
                     await pool.close()
             except PG_ERRORS:
                 pool.terminate()
+
+
+def _fetcher(conn: Any) -> Callable[[str, tuple[object, ...]], Awaitable[Sequence[Row]]]:
+    def fetch(sql: str, parameters: tuple[object, ...]) -> Awaitable[Sequence[Row]]:
+        rows: Awaitable[Sequence[Row]] = conn.fetch(sql, *parameters)
+        return rows
+
+    return fetch
 
 
 async def _keep_session(_conn: Any) -> None:

@@ -12,13 +12,14 @@ import base64
 import logging
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
-from db.rows import ReadingRow, RejectionRow
+from db.rows import AlertChange, ReadingRow, RejectionRow
 from db.thread import DedicatedThread
 from edge.errors import IngestdError
 
@@ -59,6 +60,7 @@ class SpooledBatch:
     ids: list[int]
     readings: list[ReadingRow]
     rejections: list[RejectionRow]
+    alerts: list[AlertChange] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -118,9 +120,14 @@ class Spool:
         assert self._conn is not None
         self.stats = SpoolStats(*self._conn.execute(_STATS).fetchone())
 
-    async def put(self, readings: list[ReadingRow], rejections: list[RejectionRow]) -> None:
+    async def put(
+        self,
+        readings: list[ReadingRow],
+        rejections: list[RejectionRow],
+        alerts: Sequence[AlertChange] = (),
+    ) -> None:
         """Store a batch durably; raises ``SpoolFull`` when there is no room for it."""
-        body = _encode(readings, rejections)
+        body = _encode(readings, rejections, alerts)
         await self._thread.call(self._put, body, len(readings), len(rejections))
 
     def _put(self, body: bytes, readings: int, rejections: int) -> None:
@@ -181,13 +188,14 @@ class Spool:
         merged = SpooledBatch([], [], [])
         for batch_id, body in rows:
             try:
-                reading_rows, rejection_rows = _decode(body)
+                reading_rows, rejection_rows, alert_changes = _decode(body)
             except (ValueError, KeyError, TypeError) as exc:
                 self._quarantine(batch_id, exc)
                 continue
             merged.ids.append(batch_id)
             merged.readings += reading_rows
             merged.rejections += rejection_rows
+            merged.alerts += alert_changes
         if merged.ids:
             return merged
         return self._oldest(max_readings) if rows else None
@@ -195,11 +203,12 @@ class Spool:
     @staticmethod
     def _first_ids(conn: sqlite3.Connection, max_readings: int) -> list[int]:
         """Ids of the oldest batches holding at most ``max_readings`` together (one at least);
-        the bodies are read only for these."""
+        the bodies are read only for these. A batch without readings (dead letters or alert
+        changes only) weighs one, as a rejection weighs one in a live batch."""
         ids: list[int] = []
         total = 0
         for batch_id, readings in conn.execute(
-            "SELECT id, readings FROM batches ORDER BY id LIMIT 1000"
+            "SELECT id, max(readings, 1) FROM batches ORDER BY id LIMIT 1000"
         ):
             if ids and total + readings > max_readings:
                 break
@@ -285,7 +294,8 @@ def _check(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(f"quick_check: {verdict}")
 
 
-# Rows hold datetimes and bytes: stored as epoch microseconds and base64 in JSON.
+# Rows hold datetimes and bytes: stored as epoch microseconds and base64 in JSON. Alert
+# changes ("a") are written only when a batch has some: a body without them reads as none.
 
 
 def _us(ts: object) -> int:
@@ -298,22 +308,24 @@ def _ts(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
 
 
-def _encode(readings: list[ReadingRow], rejections: list[RejectionRow]) -> bytes:
-    return orjson.dumps(
-        {
-            "r": [
-                [*row[:2], _us(row.ts), *row[3:12], _us(row.received_at), *row[13:]]
-                for row in readings
-            ],
-            "j": [
-                [_us(row.received_at), row.topic, base64.b64encode(row.payload).decode(), *row[3:]]
-                for row in rejections
-            ],
-        }
-    )
+def _encode(
+    readings: list[ReadingRow], rejections: list[RejectionRow], alerts: Sequence[AlertChange]
+) -> bytes:
+    document: dict[str, list[list[object]]] = {
+        "r": [
+            [*row[:2], _us(row.ts), *row[3:12], _us(row.received_at), *row[13:]] for row in readings
+        ],
+        "j": [
+            [_us(row.received_at), row.topic, base64.b64encode(row.payload).decode(), *row[3:]]
+            for row in rejections
+        ],
+    }
+    if alerts:
+        document["a"] = [[*change[:4], _us(change.ts), *change[5:]] for change in alerts]
+    return orjson.dumps(document)
 
 
-def _decode(body: bytes) -> tuple[list[ReadingRow], list[RejectionRow]]:
+def _decode(body: bytes) -> tuple[list[ReadingRow], list[RejectionRow], list[AlertChange]]:
     document = orjson.loads(body)
     # Records spooled before value_text existed have 14 fields: value_text is then None.
     readings = [
@@ -326,4 +338,6 @@ def _decode(body: bytes) -> tuple[list[ReadingRow], list[RejectionRow]]:
         RejectionRow._make([_ts(j[0]), j[1], base64.b64decode(j[2]), *j[3:9], bool(j[9])])
         for j in document["j"]
     ]
-    return readings, rejections
+    # Positional with defaults: a change spooled before a field was added gets its default.
+    alerts = [AlertChange(*[*a[:4], _ts(a[4]), *a[5:]]) for a in document.get("a", ())]
+    return readings, rejections, alerts

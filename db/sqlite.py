@@ -7,17 +7,30 @@ survives a power cut, not only a process kill.
 
 from __future__ import annotations
 
+import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from db.rows import READING_COLUMNS, REJECTION_COLUMNS, ReadingRow, RejectionRow
+from db.alerts import AlertStore, Plan, Row, run
+from db.rows import (
+    READING_COLUMNS,
+    REJECTION_COLUMNS,
+    AlertChange,
+    ReadingRow,
+    RejectionRow,
+    TaskRow,
+)
 from db.thread import DedicatedThread
-from db.writer import RowRejected, StorageError, WriteResult
+from db.writer import OpenAlert, RowRejected, StorageError, WriteResult
 
 __all__ = ["SqliteWriter", "sqlite_ts"]
+
+T = TypeVar("T")
 
 _INSERT_READING = (
     f"INSERT OR IGNORE INTO sensor_readings ({', '.join(READING_COLUMNS)}) "
@@ -39,6 +52,53 @@ def sqlite_ts(ts: datetime) -> str:
     return ts.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
+def _aware(stored: str) -> datetime:
+    """A stored timestamp (sqlite_ts, or CURRENT_TIMESTAMP's seconds) as an aware datetime."""
+    return datetime.fromisoformat(stored).replace(tzinfo=UTC)
+
+
+@cache
+def _numbered(sql: str) -> str:
+    """db.alerts' ``$n`` parameters as SQLite's ``?n``."""
+    return re.sub(r"\$(\d+)", r"?\1", sql)
+
+
+def _fetcher(conn: sqlite3.Connection) -> Callable[[str, tuple[object, ...]], list[Row]]:
+    def fetch(sql: str, parameters: tuple[object, ...]) -> list[Row]:
+        values = tuple(sqlite_ts(v) if isinstance(v, datetime) else v for v in parameters)
+        return conn.execute(_numbered(sql), values).fetchall()
+
+    return fetch
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def _storage_errors(what: str = "") -> Iterator[None]:
+    """sqlite3's errors as the writer's: refused data, or a database that failed."""
+    try:
+        yield
+    except (
+        sqlite3.IntegrityError,
+        sqlite3.DataError,
+        sqlite3.InterfaceError,
+        UnicodeError,
+    ) as exc:
+        raise RowRejected(f"{what}{type(exc).__name__}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StorageError(f"{what}{type(exc).__name__}: {exc}") from exc
+
+
 class SqliteWriter:
     """Writes batches of readings and rejections to a local SQLite file."""
 
@@ -47,6 +107,7 @@ class SqliteWriter:
         self._busy_timeout = busy_timeout
         self._thread = DedicatedThread("ingestd-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._alerts = AlertStore(_aware)
 
     async def start(self) -> None:
         await self._thread.call(self._open)
@@ -73,8 +134,10 @@ class SqliteWriter:
         rejections: Sequence[RejectionRow],
         *,
         replay: bool = False,
+        alerts: Sequence[AlertChange] = (),
     ) -> WriteResult:
-        """Store rows in one transaction; a redelivered or replayed dead letter only once."""
+        """Store rows and apply alert changes in one transaction; a redelivered or replayed
+        dead letter only once."""
         # Named parameters, with times in the text form SQLAlchemy reads back.
         reading_rows = [
             {**row._asdict(), "ts": sqlite_ts(row.ts), "received_at": sqlite_ts(row.received_at)}
@@ -84,7 +147,9 @@ class SqliteWriter:
             ({**row._asdict(), "received_at": sqlite_ts(row.received_at)}, row.redelivered, replay)
             for row in rejections
         ]
-        result: WriteResult = await self._thread.call(self._write, reading_rows, rejection_rows)
+        result: WriteResult = await self._thread.call(
+            self._write, reading_rows, rejection_rows, alerts
+        )
         return result
 
     async def ping(self) -> None:
@@ -100,36 +165,43 @@ class SqliteWriter:
         self,
         reading_rows: list[dict[str, Any]],
         rejection_rows: list[tuple[dict[str, Any], bool, bool]],
+        alerts: Sequence[AlertChange],
     ) -> WriteResult:
         conn = self._open()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                new = [conn.execute(_INSERT_READING, row).rowcount == 1 for row in reading_rows]
-                stored = 0
-                for row, redelivered, replayed in rejection_rows:
-                    # A DUP is recognised by topic and payload; a replay, by correlation id.
-                    if redelivered and conn.execute(_REJECTION_EXISTS, row).fetchone():
-                        continue
-                    if replayed and conn.execute(_REPLAYED_EXISTS, row).fetchone():
-                        continue
-                    conn.execute(_INSERT_REJECTION, row)
-                    stored += 1
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except (
-            sqlite3.IntegrityError,
-            sqlite3.DataError,
-            sqlite3.InterfaceError,
-            UnicodeError,
-        ) as exc:
-            raise RowRejected(f"{type(exc).__name__}: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StorageError(f"{type(exc).__name__}: {exc}") from exc
-        return WriteResult(new, stored)
+        with _storage_errors(), _transaction(conn):
+            new = [conn.execute(_INSERT_READING, row).rowcount == 1 for row in reading_rows]
+            stored = _insert_rejections(conn, rejection_rows)
+            outcomes = run(self._alerts.apply(alerts), _fetcher(conn))
+        return WriteResult(new, stored, outcomes)
+
+    async def open_alerts(self) -> list[OpenAlert]:
+        """Every alert open now, oldest first."""
+        return await self._run(self._alerts.open_alerts(), "cannot read open alerts: ")
+
+    async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
+        """Maintenance tasks, newest first; only those in ``status`` when given."""
+        return await self._run(self._alerts.tasks(status, limit), "cannot read tasks: ")
+
+    async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
+        """Acknowledge or close a task; unchanged when it has that status or a later one."""
+        plan = self._alerts.set_task_status(task_id, status)  # ValueError: an unknown status
+        return await self._run(plan, "cannot change the task: ")
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        """Tasks by ``(status, priority)``."""
+        return await self._run(self._alerts.task_counts(), "cannot count tasks: ")
+
+    async def _run(self, plan: Plan[T], what: str) -> T:
+        """One plan outside a batch: each of its statements commits by itself (autocommit),
+        so a read takes no write lock."""
+
+        def run_plan() -> T:
+            conn = self._open()
+            with _storage_errors(what):
+                return run(plan, _fetcher(conn))
+
+        result: T = await self._thread.call(run_plan)
+        return result
 
     async def load_devices(self) -> list[dict[str, Any]]:
         def load() -> list[dict[str, Any]]:
@@ -156,3 +228,18 @@ class SqliteWriter:
 
         await self._thread.call(close)
         self._thread.close()
+
+
+def _insert_rejections(
+    conn: sqlite3.Connection, rows: list[tuple[dict[str, Any], bool, bool]]
+) -> int:
+    stored = 0
+    for row, redelivered, replayed in rows:
+        # A DUP is recognised by topic and payload; a replay, by correlation id.
+        if redelivered and conn.execute(_REJECTION_EXISTS, row).fetchone():
+            continue
+        if replayed and conn.execute(_REPLAYED_EXISTS, row).fetchone():
+            continue
+        conn.execute(_INSERT_REJECTION, row)
+        stored += 1
+    return stored

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TEMPLATE_FIELDS", "TopicTemplate", "topic_matches"]
+__all__ = ["TEMPLATE_FIELDS", "TopicTemplate", "topic_matches", "topic_segment"]
 
 # Fields a topic segment may fill; anything else in braces is a configuration error.
 TEMPLATE_FIELDS = frozenset({"device_id", "sensor_id", "site", "area", "line", "asset", "unit"})
@@ -106,3 +106,11 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if index >= len(levels) or (part != "+" and part != levels[index]):
             return False
     return len(parts) == len(levels)
+
+
+_TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
+
+
+def topic_segment(text: str | None) -> str:
+    """A value safe as one topic level (no separators or wildcards)."""
+    return text.translate(_TOPIC_UNSAFE) if text else "_unknown"

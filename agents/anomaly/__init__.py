@@ -1,11 +1,23 @@
-"""Anomaly detection on the readings' own time: the streaming detector and its CSV replay.
+"""Anomaly detection on the readings' own time: the AnomalyAgent on the live stream, the
+per-series judgement (registry limits, frozen values, the adaptive detector, alert
+episodes), and the CSV replay of the very same detector."""
 
-Only the detector and ``ingestd anomaly replay`` exist so far; docs/anomaly.md lists what
-is not built yet (the AnomalyAgent on the live stream, alerts, maintenance tasks).
-"""
-
+from agents.anomaly.agent import AnomalyAgent
 from agents.anomaly.detector import AnomalyDetector, Verdict
+from agents.anomaly.rules import KINDS, AnomalySettings, SeriesRules
+from agents.anomaly.series import Finding, Series
 from agents.anomaly.settings import DetectorSettings
 from agents.anomaly.state import SnapshotError
 
-__all__ = ["AnomalyDetector", "DetectorSettings", "SnapshotError", "Verdict"]
+__all__ = [
+    "KINDS",
+    "AnomalyAgent",
+    "AnomalyDetector",
+    "AnomalySettings",
+    "DetectorSettings",
+    "Finding",
+    "Series",
+    "SeriesRules",
+    "SnapshotError",
+    "Verdict",
+]

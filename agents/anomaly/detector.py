@@ -56,10 +56,13 @@ _WEEK = 7 * _DAY
 
 
 class Verdict(NamedTuple):
-    """What one reading got: its anomaly score in [0, 1] and whether an alert opens on it."""
+    """What one reading got: its anomaly score in [0, 1] (0 unless it is the episode's
+    record), whether an alert opens on it, and its score before the record filter (how
+    abnormal the series looks now: an episode lasts while this stays at the threshold)."""
 
     score: float
     alert: bool
+    likelihood: float = 0.0
 
 
 class _ViewError:
@@ -122,7 +125,7 @@ class AnomalyDetector:
         )
         if alert:
             self._since_alert = 0
-        return Verdict(self._record(score), alert)
+        return Verdict(self._record(score), alert, score)
 
     # ------------------------------------------------------------------ the views
     def _bins(self, ts: datetime) -> tuple[int, int]:

@@ -20,7 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from agents.anomaly.detector import AnomalyDetector
+from agents.anomaly.rules import ANOMALY, SeriesRules
+from agents.anomaly.series import Series
 from agents.anomaly.settings import DetectorSettings
 from edge.errors import IngestdError
 
@@ -35,6 +36,7 @@ __all__ = [
 
 INPUT_COLUMNS = ("timestamp", "value")
 OUTPUT_COLUMNS = ("timestamp", "value", "anomaly_score", "alert")
+_RULES = SeriesRules(kinds=frozenset({ANOMALY}))
 
 
 class ReplayError(IngestdError):
@@ -52,14 +54,16 @@ class ReplaySummary:
 def replay(source: Path, out: TextIO, settings: DetectorSettings | None = None) -> ReplaySummary:
     """Judge every reading of ``source`` with a fresh detector, writing rows to ``out``
     (nothing before the header has been checked)."""
-    detector = AnomalyDetector(settings)
+    # The daemon's judgement of one series with only the adaptive detector on: its alert
+    # episodes (warm-up, clear, cooldown by reading time) decide where an alert opens.
+    series = Series(_RULES, settings)
     writer = csv.writer(out, lineterminator="\n")
     readings = alerts = 0
     with _open_readings(source) as rows:
         writer.writerow(OUTPUT_COLUMNS)
         for ts_text, value_text, ts, value in rows:
-            score, alert = detector.update(ts, value)
-            writer.writerow((ts_text, value_text, f"{score:.6f}", 1 if alert else 0))
+            alert = any(finding.opens for finding in series.judge(ts, value, None, adaptive=True))
+            writer.writerow((ts_text, value_text, f"{series.score:.6f}", 1 if alert else 0))
             readings += 1
             alerts += alert
     return ReplaySummary(readings, alerts)

@@ -17,8 +17,8 @@ from agents.events import EnrichedMessage, RawMessage
 from agents.metrics import PipelineMetrics
 from daemon.config import Config, IngestConfig, SourceConfig
 from daemon.wiring import build_routes
-from db.rows import ReadingRow, RejectionRow
-from db.writer import RowRejected, StorageError, WriteResult
+from db.rows import AlertChange, ReadingRow, RejectionRow, TaskRow
+from db.writer import OpenAlert, RowRejected, StorageError, WriteResult
 from edge.readings import Reading
 
 NOW = datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)
@@ -113,7 +113,8 @@ class FakeWriter:
 
     ``up`` False makes every call fail as an unreachable database; ``script`` holds one
     outcome per write (an exception to raise, or None); ``refuse`` picks readings the
-    database refuses as data (RowRejected).
+    database refuses as data (RowRejected). Alert changes are recorded in ``alert_changes``
+    and applied to nothing (no outcomes); ``alerts_open`` is what ``open_alerts`` answers.
     """
 
     def __init__(self, log: list[str] | None = None) -> None:
@@ -122,6 +123,8 @@ class FakeWriter:
         self.calls: list[tuple[list[ReadingRow], list[RejectionRow]]] = []
         self.replays: list[bool] = []
         self.rejections: list[RejectionRow] = []
+        self.alert_changes: list[AlertChange] = []
+        self.alerts_open: list[OpenAlert] = []
         self.script: list[BaseException | None] = []
         self.refuse: Callable[[ReadingRow], bool] = lambda _: False
         self.log = log if log is not None else []
@@ -148,6 +151,7 @@ class FakeWriter:
         rejections: Sequence[RejectionRow],
         *,
         replay: bool = False,
+        alerts: Sequence[AlertChange] = (),
     ) -> WriteResult:
         self.calls.append((list(readings), list(rejections)))
         self.replays.append(replay)
@@ -168,7 +172,24 @@ class FakeWriter:
             new.append(key not in self.keys)
             self.keys.add(key)
         self.rejections.extend(rejections)
+        self.alert_changes.extend(alerts)
         return WriteResult(new, len(rejections))
+
+    async def open_alerts(self) -> list[OpenAlert]:
+        self._check_up()
+        return list(self.alerts_open)
+
+    async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
+        self._check_up()
+        return []
+
+    async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
+        self._check_up()
+        return None
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        self._check_up()
+        return {}
 
     async def load_devices(self) -> list[dict[str, Any]]:
         return []

@@ -223,7 +223,7 @@ instants = st.datetimes(
 def test_any_finite_readings_give_scores_in_0_1(readings: Series) -> None:
     detector = AnomalyDetector(DetectorSettings(warmup=5, short=3, long=20))
     for ts, value in readings:
-        score, alert = detector.update(ts, value)
+        score, alert, _ = detector.update(ts, value)
         assert 0.0 <= score <= 1.0
         assert isinstance(alert, bool)
     json.dumps(detector.snapshot(), allow_nan=False)  # still finite, still restorable

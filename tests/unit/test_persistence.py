@@ -19,7 +19,7 @@ from agents.reasons import REASONS, STORAGE_REJECTED
 from agents.storage import Storage
 from daemon.acks import AckTracker
 from daemon.metrics import IntakeMetrics
-from db.rows import ReadingRow, RejectionRow
+from db.rows import AlertChange, ReadingRow, RejectionRow
 from db.writer import RowRejected, StorageError, WriteResult
 from edge.readings import BAD_TYPE, MALFORMED_JSON
 from tests.unit.fakes import (
@@ -316,6 +316,7 @@ class GatedWriter(FakeWriter):
         rejections: Sequence[RejectionRow],
         *,
         replay: bool = False,
+        alerts: Sequence[AlertChange] = (),
     ) -> WriteResult:
         gate = asyncio.Event()
         if self.open:
@@ -323,7 +324,7 @@ class GatedWriter(FakeWriter):
         self.gates.append(gate)
         self.started_write.set()
         await gate.wait()
-        return await super().write(readings, rejections, replay=replay)
+        return await super().write(readings, rejections, replay=replay, alerts=alerts)
 
     async def wait_writes(self, count: int) -> None:
         await until(lambda: len(self.gates) >= count, self.started_write)

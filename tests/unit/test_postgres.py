@@ -16,7 +16,7 @@ from db.schema import upgrade
 from db.writer import RowRejected, StorageError
 from tests.harness.proxy import TcpProxy
 from tests.harness.servers import Postgres, free_port
-from tests.unit.writer_contract import Db, WriterContract, reading, rejection
+from tests.unit.writer_contract import Db, WriterContract, opening, reading, rejection
 
 
 def postgres_db(url: str, writer: PostgresWriter) -> Db:
@@ -79,6 +79,33 @@ async def test_replayed_rejections_are_recognised_by_correlation_id(db: Db) -> N
     assert (await db.writer.write([], [rejection(1)], replay=True)).rejections_stored == 1
     rows = await db.query("SELECT correlation_id FROM rejected_messages ORDER BY id")
     assert [r["correlation_id"] for r in rows] == ["corr-0", "corr-0", "corr-1"]
+
+
+# ------------------------------------------------------------------------------ alerts
+
+
+async def test_openings_racing_for_one_task_all_attach_to_it(migrated_url: str) -> None:
+    """Concurrent transactions that each find no task for a subject and kind: one opens it,
+    the others lose the insert (partial unique index) and attach to it instead."""
+    writer = PostgresWriter(migrated_url, command_timeout=10, pool_size=8)
+    try:
+        results = await asyncio.gather(
+            *(writer.write([], [], alerts=[opening(f"s{n}", n)]) for n in range(8))
+        )
+    finally:
+        await writer.close()
+    changes = sorted(outcome.task_change or "" for r in results for outcome in r.alerts)
+    assert changes == ["attached"] * 7 + ["opened"]
+    conn = await asyncpg.connect(migrated_url)
+    try:
+        rows = await conn.fetch("SELECT id, alert_count FROM maintenance_tasks")
+        assert [r["alert_count"] for r in rows] == [8]
+        linked = await conn.fetchval(
+            "SELECT count(*) FROM anomaly_alerts WHERE task_id = $1", rows[0]["id"]
+        )
+        assert linked == 8
+    finally:
+        await conn.close()
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -33,7 +33,7 @@ def publisher(
 
 
 def test_every_event_kind_series_starts_at_zero(metrics: PipelineMetrics) -> None:
-    assert set(EVENT_KINDS) == {"processed", "failed"}
+    assert set(EVENT_KINDS) == {"processed", "failed", "alert", "maintenance"}
     for kind in EVENT_KINDS:
         assert sample(metrics, "ingestd_events_published_total", {"kind": kind}) == 0
         assert sample(metrics, "ingestd_events_dropped_total", {"kind": kind}) == 0

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sqlite3
 from pathlib import Path
 
 import asyncpg
 import pytest
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from db.models import Base
 from db.schema import (
     SchemaError,
     _alembic_config,
+    async_url,
     ensure_current,
     head_revision,
     scripts_head,
@@ -100,13 +107,18 @@ class _Db:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db_at_0002(request: pytest.FixtureRequest, tmp_path: Path) -> _Db:
-    """A database migrated to revision 0002 (before value_text) holding one reading."""
+def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> _Db:
+    """A database with nothing in it yet, SQLite or PostgreSQL."""
     if request.param == "sqlite":
         path = tmp_path / "old.db"
-        db = _Db(f"sqlite:///{path}", path)
-    else:
-        db = _Db(request.getfixturevalue("pg_url"))
+        return _Db(f"sqlite:///{path}", path)
+    return _Db(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def db_at_0002(empty_db: _Db) -> _Db:
+    """A database migrated to revision 0002 (before value_text) holding one reading."""
+    db = empty_db
     command.upgrade(_alembic_config(db.url), "0002")
     assert db.execute("SELECT version_num FROM alembic_version") == [("0002",)]
     db.execute(_insert("temp", "21.5"))
@@ -149,3 +161,86 @@ def test_value_or_text_check_refuses_both_and_neither(
     error = db.refuses(_insert("bad", value, text))
     assert "ck_sensor_readings_value_or_text" in error, error
     assert db.execute("SELECT count(*) FROM sensor_readings") == [(1,)]
+
+
+# --- the models are what the migrations make ----------------------------------------------------
+
+
+def test_the_models_match_the_migrated_schema(empty_db: _Db) -> None:
+    """db.models and migrations/ describe one schema: a migration that forgets the model (or
+    the reverse) shows up here as a difference Alembic would autogenerate."""
+    upgrade(empty_db.url)
+
+    def differences(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    async def compare() -> list[object]:
+        engine = create_async_engine(async_url(empty_db.url))
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(differences)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(compare()) == []
+
+
+# --- migration 0004 (alerts and tasks reshaped) -------------------------------------------------
+
+_ALERT = (
+    "INSERT INTO anomaly_alerts (ts, device_id, sensor_id, kind, score, detail, closed_at)"
+    " VALUES ('2026-12-01 07:00:0{second}+00:00', 'dev-1', 'temp', 'flatline', 1, 'x', {closed})"
+)
+_TASK = (
+    "INSERT INTO maintenance_tasks (subject, kind, device_id, status, priority, description,"
+    " opened_at, last_alert_at) VALUES ('press', 'flatline', 'dev-1', '{status}', '{priority}',"
+    " 'd', '2026-12-01 07:00:00+00:00', '2026-12-01 07:00:00+00:00')"
+)
+
+
+def _alert(second: int, closed: str = "NULL") -> str:
+    return _ALERT.format(second=second, closed=closed)
+
+
+def _task(status: str = "open", priority: str = "high") -> str:
+    return _TASK.format(status=status, priority=priority)
+
+
+def test_0004_keeps_one_open_alert_per_series_and_one_open_task_per_subject(
+    empty_db: _Db,
+) -> None:
+    db = empty_db
+    command.upgrade(_alembic_config(db.url), "0003")
+    upgrade(db.url)
+    assert db.execute("SELECT version_num FROM alembic_version") == [("0004",)]
+    db.execute(_alert(0, "'2026-12-01 07:00:05+00:00'"))  # a closed episode
+    db.execute(_alert(6))  # the open one
+    # A second open alert of the series (SQLite names the columns, PostgreSQL the index).
+    assert re.search(r"ux_anomaly_alerts_open|\.kind$", db.refuses(_alert(7)))
+    assert "ts" in db.refuses(_alert(6, "'2026-12-01 07:00:08+00:00'"))  # the natural key
+    db.execute(_task("closed"))
+    db.execute(_task("acknowledged"))
+    assert re.search(r"ux_maintenance_tasks_open|\.kind$", db.refuses(_task("open")))
+    assert "ck_maintenance_tasks_status" in db.refuses(_task("done"))
+    assert "ck_maintenance_tasks_priority" in db.refuses(_task("closed", "urgent"))
+    assert db.execute("SELECT alert_count FROM maintenance_tasks") == [(1,), (1,)]
+
+
+def test_0004_downgrades_to_the_0001_shapes_and_back(empty_db: _Db) -> None:
+    db = empty_db
+    upgrade(db.url)
+    db.execute(_task())
+    command.downgrade(_alembic_config(db.url), "0003")
+    assert db.execute("SELECT version_num FROM alembic_version") == [("0003",)]
+    db.execute(
+        "INSERT INTO maintenance_tasks (device_id, alert_id, status, priority, description)"
+        " VALUES ('dev-1', 7, 'open', 'normal', 'd')"
+    )
+    db.execute(
+        "INSERT INTO anomaly_alerts (ts, device_id, sensor_id, value, kind)"
+        " VALUES ('2026-12-01 07:00:00+00:00', 'dev-1', 'temp', 1.5, 'spike')"
+    )
+    upgrade(db.url)
+    assert db.execute("SELECT count(*) FROM maintenance_tasks") == [(0,)]
+    db.execute(_alert(0))

@@ -8,8 +8,9 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -27,7 +28,7 @@ from agents.events import (
 from agents.metrics import PipelineMetrics
 from agents.persistence import PersistenceAgent
 from agents.storage import Storage
-from db.rows import ReadingRow, RejectionRow
+from db.rows import ALERT_CLOSED, ALERT_OPEN, AlertChange, ReadingRow, RejectionRow
 from db.spool import Spool, SpoolFull, read_stats
 from tests.harness.servers import wait_until_async
 from tests.unit.fakes import FakeWriter
@@ -46,6 +47,13 @@ def rejection(i: int, *, redelivered: bool = False) -> RejectionRow:
     return RejectionRow(
         NOW, "sensors/dev/temp", b"\xff bad", "ab" * 32, 5, "not_utf8", "bad", "dev", f"r{i}",
         redelivered,
+    )  # fmt: skip
+
+
+def change(i: int, state: str = ALERT_OPEN, **fields: Any) -> AlertChange:
+    return AlertChange(
+        state, "dev", "temp", "flatline", NOW + timedelta(microseconds=i), float(i), 1.0,
+        "frozen", f"c{i}", **fields,
     )  # fmt: skip
 
 
@@ -131,8 +139,73 @@ async def test_the_on_disk_encoding_of_earlier_versions_still_reads(tmp_path: Pa
             RejectionRow(at, "sensors/dev/temp", b"\xff", "ab" * 32, 1, "not_utf8", "bad", "dev",
                          "r1", redelivered=True),
         ]  # fmt: skip
+        assert batch.alerts == []  # spooled before alert changes were: none
     finally:
         await again.close()
+
+
+async def test_alert_changes_come_back_intact_and_in_order(spool: Spool) -> None:
+    everything = change(
+        2, ALERT_CLOSED, unit="degC", site="berlin", area="hall", line="L1", asset="press",
+        sensor_type="pt100", priority="high", task_description="press frozen",
+        auto_close_task=True,
+    )  # fmt: skip
+    offset = change(3)._replace(
+        ts=datetime(2026, 11, 27, 9, 30, tzinfo=timezone(timedelta(hours=2))), value=None
+    )
+    await spool.put([row(1)], [], [change(1), everything])
+    await spool.put([], [], [offset])  # alert changes alone
+    batch = await spool.oldest()
+    assert batch is not None
+    assert batch.readings == [row(1)]
+    assert batch.alerts == [change(1), everything, offset]
+    assert all(type(c) is AlertChange for c in batch.alerts)
+    assert batch.alerts[2].ts.tzinfo is UTC
+    assert batch.alerts[1].auto_close_task is True
+    await spool.delete(batch.ids)
+    assert await spool.oldest() is None
+    assert (spool.stats.batches, spool.stats.bytes) == (0, 0)
+
+
+async def test_a_batch_of_alert_changes_alone_is_kept_and_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    first = Spool(path, 1 << 20)
+    await first.open()
+    await first.put([], [], [change(1)])
+    assert (first.stats.batches, first.stats.readings, first.stats.rejections) == (1, 0, 0)
+    await first.close()
+    again = Spool(path, 1 << 20)
+    await again.open()
+    try:
+        batch = await again.oldest()
+        assert batch is not None
+        assert (batch.readings, batch.rejections, batch.alerts) == ([], [], [change(1)])
+    finally:
+        await again.close()
+
+
+async def test_readings_only_bodies_are_written_as_before(spool: Spool) -> None:
+    """No "a" key without alert changes: the release before them reads such a spool too."""
+    await spool.put([row(1)], [rejection(1)])
+    with contextlib.closing(sqlite3.connect(spool.path)) as conn:
+        (body,) = conn.execute("SELECT body FROM batches").fetchone()
+    assert set(orjson.loads(body)) == {"r", "j"}
+
+
+async def test_a_batch_without_readings_weighs_one(spool: Spool) -> None:
+    await spool.put([row(0), row(1), row(2)], [])
+    await spool.put([], [], [change(1)])
+    await spool.put([], [rejection(1)])
+    await spool.put([row(3)], [])
+    taken = []
+    for _ in range(2):
+        batch = await spool.oldest(max_readings=4)
+        assert batch is not None
+        taken.append((len(batch.readings), len(batch.rejections), len(batch.alerts)))
+        await spool.delete(batch.ids)
+    # 3 readings + the alert changes (1) | the dead letter (1) + 1 reading
+    assert taken == [(3, 0, 1), (1, 1, 0)]
+    assert await spool.oldest() is None
 
 
 async def test_a_full_spool_refuses_and_keeps_what_it_has(spool: Spool) -> None:
