@@ -160,35 +160,45 @@ class AnomalyDetector:
         return predictions
 
     def _surprise(self, x: float, predictions: dict[str, float]) -> float:
-        """The chosen view's error over its scale, in [0, 1]; every view's errors learn."""
+        """The chosen view's error over its scale, in [0, 1]; every view's errors learn.
+
+        Written out with comparisons instead of min/max calls and a key function: this
+        runs for every reading of every series (the detector's hottest loop)."""
         s = self.settings
-        errors: dict[str, float] = {}
-        candidates: list[str] = []
+        history_of = self._errors
+        select_alpha = s.select_alpha
+        candidates: list[tuple[str, _ViewError, float]] = []
+        best: tuple[str, _ViewError, float] | None = None
         for view, predicted in predictions.items():
-            e = errors[view] = abs(x - predicted)
-            history = self._errors.get(view)
+            e = x - predicted
+            if e < 0:
+                e = -e
+            history = history_of.get(view)
             if history is None:  # a candidate once it has an error history
-                self._errors[view] = _ViewError(1, e, e)
+                history_of[view] = _ViewError(1, e, e)
                 continue
-            candidates.append(view)
-            history.select += max(s.select_alpha, 1.0 / (history.count + 1)) * (e - history.select)
-        if not candidates:
+            rate = 1.0 / (history.count + 1)
+            history.select += (rate if rate > select_alpha else select_alpha) * (e - history.select)
+            entry = (view, history, e)
+            candidates.append(entry)
+            if best is None or history.select < best[1].select:  # ties: the first view
+                best = entry
+        if best is None:
             return 0.0
-        best = min(candidates, key=lambda v: self._errors[v].select)
-        current = self._view
-        if current not in candidates or (
-            self._errors[best].select < s.hysteresis * self._errors[current].select
-        ):
-            self._view = current = best
+        chosen = next((c for c in candidates if c[0] == self._view), None)
+        if chosen is None or best[1].select < s.hysteresis * chosen[1].select:
+            chosen = best
+            self._view = best[0]
         raw = 0.0
-        scale = max(self._errors[current].scale, s.scale_floor * (self._hi - self._lo))
+        floor = s.scale_floor * (self._hi - self._lo)
+        scale = chosen[1].scale if chosen[1].scale > floor else floor
         if scale > 0:
-            raw = min(s.cap, errors[current] / scale) / s.cap
-        for view in candidates:
-            history = self._errors[view]
-            history.scale += max(s.err_alpha, 1.0 / (history.count + 1)) * (
-                errors[view] - history.scale
-            )
+            ratio = chosen[2] / scale
+            raw = (ratio if ratio < s.cap else s.cap) / s.cap
+        err_alpha = s.err_alpha
+        for _, history, e in candidates:
+            rate = 1.0 / (history.count + 1)
+            history.scale += (rate if rate > err_alpha else err_alpha) * (e - history.scale)
             history.count += 1
         return raw
 
