@@ -41,10 +41,13 @@ _WHAT = {
 
 
 def priority_of(change: AlertChange, settings: AnomalySettings) -> str:
-    """Limits crossed and strong anomalies are high, frozen values and weaker anomalies
-    medium; a sensor type's ``priority`` is the least its tasks get."""
+    """Limits crossed and strong anomalies (score >= 0.9) are high; frozen values and
+    anomalies scoring >= 0.7 medium; weaker anomalies low. A sensor type's ``priority`` is
+    the least its tasks get (critical sensors: high whatever was seen)."""
     if change.kind == OUT_OF_RANGE or (change.kind == ANOMALY and change.score >= 0.9):
         priority = "high"
+    elif change.kind == ANOMALY and change.score < 0.7:
+        priority = "low"
     else:
         priority = "medium"
     least = settings.rules_for(change.sensor_type).priority

@@ -97,8 +97,11 @@ Output columns (stdout, or --out FILE), one row per input row:
   timestamp      the input's text
   value          the input's text
   anomaly_score  0..1, six decimals; reported only where it beats the previous 200 rows'
-  alert          1 on the row where an alert opens (score >= alert_threshold, no alert
-                 in the previous cooldown rows), else 0
+  alert          1 on the row where the daemon would open an `anomaly` alert with the
+                 default [anomaly] settings: score >= alert_threshold after the warm-up
+                 (warmup readings and a day of reading time), no alert in the previous
+                 cooldown rows, and none open (an episode closes after clear_seconds of
+                 normal reading time; another opens no sooner than cooldown_seconds), else 0
 
 Bad input (missing file, no header, a bad timestamp or value, NaN or infinity) stops the
 replay with one line naming the file and line, and exit status 1. docs/anomaly.md has the

@@ -27,7 +27,7 @@ LIVE = ("log", "ingest", "publish")
 # the sources make.
 RECONNECT = ("mqtt",)
 # Held by open files, sockets and pools: kept until the next restart.
-RESTART = ("database", "spool", "metrics", "daemon", "sparkplug")
+RESTART = ("database", "spool", "metrics", "daemon", "sparkplug", "anomaly")
 
 
 def changes(old: Config, new: Config) -> dict[str, list[str]]:
@@ -90,6 +90,8 @@ async def reload(daemon: Daemon, config_file: Path | None, device_table: DeviceR
     # may have), and the devices table is merged over it as at start-up.
     registry.merge(device_table)
     daemon.registry = daemon.enrichment.registry = registry
+    if daemon.anomaly is not None:  # names the limits in out_of_range alerts
+        daemon.anomaly.registry = registry
     daemon.metrics.pipeline.registry_devices.set(len(registry))
     pending = {s: keys for s, keys in changed.items() if s in RESTART}
     log.info(

@@ -1,4 +1,6 @@
-"""docs/operations.md names every config key, every metric and every alert that exist."""
+"""docs/operations.md names every config key, every metric and every alert that exist;
+docs/anomaly.md names every ``[anomaly]`` key, every per-sensor-type override and every
+anomaly and maintenance metric."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from daemon.config import Config
+from daemon.config_anomaly import SensorTypeRules
 from daemon.wiring import wire
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
 DOCUMENTED = set(re.findall(r"`([a-z_.]+)", OPERATIONS))
+ANOMALY_GUIDE = (ROOT / "docs" / "anomaly.md").read_text()
 
 
 def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -66,3 +70,21 @@ def test_every_alert_is_documented() -> None:
     assert alerts
     missing = [a for a in alerts if f"`{a}`" not in OPERATIONS]
     assert not missing, f"alerts missing from docs/operations.md: {missing}"
+
+
+@pytest.mark.parametrize("key", [k for k in config_keys(Config) if k.startswith("anomaly.")])
+def test_every_anomaly_key_is_in_the_anomaly_guide(key: str) -> None:
+    assert f"`{key}`" in ANOMALY_GUIDE, f"{key} is missing from docs/anomaly.md"
+
+
+def test_every_sensor_type_override_is_in_the_anomaly_guide() -> None:
+    missing = [name for name in SensorTypeRules.model_fields if f"`{name}`" not in ANOMALY_GUIDE]
+    assert not missing, f"[anomaly.sensor_types.NAME] keys missing from docs/anomaly.md: {missing}"
+
+
+def test_every_anomaly_metric_is_in_the_anomaly_guide() -> None:
+    prefixes = ("ingestd_anomaly_", "ingestd_maintenance_")
+    names = {name for name in metric_names() if name.startswith(prefixes)}
+    assert len(names) >= 9
+    missing = sorted(name for name in names if f"`{name}" not in ANOMALY_GUIDE)
+    assert not missing, f"metrics missing from docs/anomaly.md: {missing}"

@@ -5,8 +5,9 @@ deploy/prometheus/ passes `promtool check config`, `check rules` and its own rul
 provisioning and wired to the provisioned datasource and the compose services; and a live
 `ingestd run` (real mosquitto and PostgreSQL) exports every metric, and every label, that the
 dashboards and the alert rules use, each with a series from its first scrape: label values
-known in advance (reasons, causes, kinds, inboxes, agents) start at 0. No Prometheus or
-Grafana server runs here.
+known in advance (reasons, causes, kinds, inboxes, agents, task statuses and priorities) start
+at 0. Every dashboard query parses as PromQL (promtool). No Prometheus or Grafana server runs
+here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from agents.anomaly.rules import KINDS
+from agents.metrics import EVENT_KINDS
 from agents.reasons import REASONS
+from db.rows import TASK_PRIORITIES, TASK_STATUSES
 from db.writer import ERROR_KINDS
 from edge.sparkplug import SKIP_REASONS
 from tests.harness.daemon import INGESTD, Daemon, publish_all
@@ -46,30 +50,55 @@ COMPOSE = ROOT / "docker-compose.yml"
 # The one family the dashboards and alerts use that cannot have a series before traffic: its
 # label is a device id, unknowable in advance (the daemon declares it, HELP/TYPE, empty).
 NO_SERIES_BEFORE_TRAFFIC = {"ingestd_device_last_seen_timestamp_seconds"}
-# Label values known in advance: each has a series, at 0, from the first scrape.
-AGENTS = {"validation", "enrichment", "persistence", "publisher"}
-INBOXES = {"validation", "enrichment", "persistence", "publisher"}
-EVENT_KINDS = {"processed", "failed"}
+# Label values known in advance: each has a series, at 0, from the first scrape. Anomaly
+# detection is on by default: its agents and inboxes are there too.
+AGENTS = {"validation", "enrichment", "persistence", "publisher", "anomaly", "maintenance"}
+INBOXES = {"validation", "enrichment", "persistence", "publisher", "anomaly", "maintenance"}
 SPARKPLUG_STATES = {"online", "offline"}
-KNOWN_LABEL_VALUES: dict[str, tuple[str, set[str]]] = {  # family -> (label, values)
-    "ingestd_messages_rejected": ("reason", set(REASONS)),
-    "ingestd_mqtt_disconnects": ("cause", {"connect_failed", "lost"}),
-    "ingestd_events_published": ("kind", EVENT_KINDS),
-    "ingestd_events_dropped": ("kind", EVENT_KINDS),
-    "ingestd_database_errors": ("kind", set(ERROR_KINDS)),
-    "ingestd_queue_depth": ("inbox", INBOXES),
-    "ingestd_queue_capacity": ("inbox", INBOXES),
-    "ingestd_queue_full_waits": ("inbox", INBOXES),
-    "ingestd_agent_up": ("agent", AGENTS),
-    "ingestd_agent_restarts": ("agent", AGENTS),
+KNOWN_LABEL_VALUES: list[tuple[str, str, set[str]]] = [  # (family, label, values)
+    ("ingestd_messages_rejected", "reason", set(REASONS)),
+    ("ingestd_mqtt_disconnects", "cause", {"connect_failed", "lost"}),
+    ("ingestd_events_published", "kind", set(EVENT_KINDS)),
+    ("ingestd_events_dropped", "kind", set(EVENT_KINDS)),
+    ("ingestd_database_errors", "kind", set(ERROR_KINDS)),
+    ("ingestd_queue_depth", "inbox", INBOXES),
+    ("ingestd_queue_capacity", "inbox", INBOXES),
+    ("ingestd_queue_full_waits", "inbox", INBOXES),
+    ("ingestd_agent_up", "agent", AGENTS),
+    ("ingestd_agent_restarts", "agent", AGENTS),
     # The connection without Sparkplug sources: only the main one exists.
-    "ingestd_mqtt_connected": ("connection", {"main"}),
-    "ingestd_mqtt_connects": ("connection", {"main"}),
+    ("ingestd_mqtt_connected", "connection", {"main"}),
+    ("ingestd_mqtt_connects", "connection", {"main"}),
     # Declared whether or not a Sparkplug source is configured.
-    "ingestd_sparkplug_metrics_skipped": ("reason", {*SKIP_REASONS, "definition"}),
-    "ingestd_sparkplug_edge_nodes": ("state", SPARKPLUG_STATES),
-    "ingestd_sparkplug_devices": ("state", SPARKPLUG_STATES),
-}
+    ("ingestd_sparkplug_metrics_skipped", "reason", {*SKIP_REASONS, "definition"}),
+    ("ingestd_sparkplug_edge_nodes", "state", SPARKPLUG_STATES),
+    ("ingestd_sparkplug_devices", "state", SPARKPLUG_STATES),
+    # Anomaly detection and maintenance tasks.
+    ("ingestd_anomaly_alerts", "kind", set(KINDS)),
+    ("ingestd_anomaly_alerts_closed", "kind", set(KINDS)),
+    ("ingestd_anomaly_readings_skipped", "cause", {"queue", "budget"}),
+    ("ingestd_maintenance_tasks", "status", set(TASK_STATUSES)),
+    ("ingestd_maintenance_tasks", "priority", set(TASK_PRIORITIES)),
+]
+# Families a healthy daemon, idle on a fresh database, holds at 0 in every series.
+ZERO_WHEN_IDLE = (
+    "ingestd_messages_rejected",
+    "ingestd_mqtt_disconnects",
+    "ingestd_events_published",
+    "ingestd_events_dropped",
+    "ingestd_database_errors",
+    "ingestd_queue_full_waits",
+    "ingestd_agent_restarts",
+    "ingestd_sparkplug_metrics_skipped",
+    "ingestd_sparkplug_edge_nodes",
+    "ingestd_sparkplug_devices",
+    "ingestd_anomaly_alerts",
+    "ingestd_anomaly_alerts_closed",
+    "ingestd_anomaly_readings_skipped",
+    "ingestd_anomaly_series_evicted",
+    "ingestd_anomaly_snapshot_errors",
+    "ingestd_maintenance_tasks",
+)
 # Labels Prometheus adds to every scraped series, and the bucket label of histograms.
 TARGET_LABELS = {"job", "instance"}
 
@@ -288,6 +317,8 @@ def test_alerts_carry_severity_duration_and_a_runbook() -> None:
         "IngestdRejectionRatioHigh",
         "IngestdDeviceSilent",
         "IngestdSparkplugNodesOffline",
+        "IngestdHighPriorityTaskOpen",
+        "IngestdAnomalyDetectionSkipping",
     }
     for rule in rules:
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), f"{rule['alert']}: no for:"
@@ -366,8 +397,49 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "ingestd_sparkplug_rebirth_requests_total",
         "ingestd_sparkplug_metrics_skipped_total",
         "ingestd_sparkplug_stale_deaths_total",
+        "ingestd_anomaly_alerts_total",  # the anomalies & maintenance row
+        "ingestd_anomaly_alerts_closed_total",
+        "ingestd_maintenance_tasks",
+        "ingestd_anomaly_series",
+        "ingestd_anomaly_series_evicted_total",
+        "ingestd_anomaly_readings_skipped_total",
+        "ingestd_anomaly_readings_judged_total",
+        "ingestd_anomaly_detector_seconds_bucket",
+        "ingestd_anomaly_detector_seconds_sum",
+        "ingestd_anomaly_detector_seconds_count",
     }
     assert must <= used, f"dashboard lost {sorted(must - used)}"
+
+
+# Grafana's own variables, as Prometheus would see them once Grafana has filled them in.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+DASHBOARD_VARIABLE = re.compile(r"\$\{?\w+\}?")
+
+
+def as_promql(expr: str) -> str:
+    """A dashboard query as Prometheus receives it: Grafana's variables filled in, the
+    dashboard's own (used as regex matchers, e.g. instance=~"$instance") matching anything."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return DASHBOARD_VARIABLE.sub(".+", expr)
+
+
+@pytest.mark.timeout(30)
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every panel and variable query is valid PromQL: promtool parses each one as the
+    expression of a recording rule (label_values() is Grafana's, not PromQL: left out)."""
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": as_promql(expr), "labels": {"at": where}}
+        for path in DASHBOARDS
+        for i, (where, expr, _) in enumerate(dashboard_queries(load_json(path)))
+        if not expr.startswith("label_values(")
+    ]
+    assert rules
+    checked = tmp_path / "dashboard-queries.yml"
+    checked.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", str(checked))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(rules)} rules found" in result.stdout
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -420,9 +492,9 @@ def _migrate(url: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _traffic(prefix: str) -> list[tuple[str, bytes]]:
+def _traffic(prefix: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     """Good readings from two devices and two kinds of bad messages, so the series only
-    traffic creates (a device id's) exist and labelled counters move."""
+    traffic creates (a device id's) exist and labelled counters move: (good, bad)."""
     good = [
         (f"sensors/{prefix}-{device}/temp", b'{"value": %d, "ts": %d}' % (i, 1_790_000_000 + i))
         for device in ("a", "b")
@@ -432,7 +504,7 @@ def _traffic(prefix: str) -> list[tuple[str, bytes]]:
         (f"sensors/{prefix}-a/temp", b"{not json"),
         (f"sensors/{prefix}-b/temp", b'{"value": "hot"}'),
     ]
-    return good + bad
+    return good, bad
 
 
 @pytest.fixture
@@ -529,30 +601,28 @@ def test_dashboard_and_alert_metrics_have_series_from_the_first_scrape(
 
     # Label values known in advance: every one has its series, and a healthy daemon's is 0.
     missing = []
-    for family, (label, values) in KNOWN_LABEL_VALUES.items():
+    for family, label, values in KNOWN_LABEL_VALUES:
         found = first.families[family].values.get(label, {})
         missing += [f"{family}{{{label}={v!r}}}" for v in sorted(values - found.keys())]
     assert not missing, "series missing on the first scrape:\n" + "\n".join(missing)
-    for family in (
-        "ingestd_messages_rejected",
-        "ingestd_mqtt_disconnects",
-        "ingestd_events_published",
-        "ingestd_events_dropped",
-        "ingestd_database_errors",
-        "ingestd_queue_full_waits",
-        "ingestd_agent_restarts",
-        "ingestd_sparkplug_metrics_skipped",
-        "ingestd_sparkplug_edge_nodes",
-        "ingestd_sparkplug_devices",
-    ):
-        label, _ = KNOWN_LABEL_VALUES[family]
-        nonzero = {v: n for v, n in first.families[family].values[label].items() if n}
+    for family in ZERO_WHEN_IDLE:
+        assert first.families[family].samples, f"{family}: no series to tell"
+        nonzero = {
+            f"{label}={value}": n
+            for label, sums in first.families[family].values.items()
+            for value, n in sums.items()
+            if n
+        }
+        total = sum(n for name, n in first.totals.items() if first.series.get(name) == family)
         assert not nonzero, f"{family} on a healthy, idle daemon: {nonzero}"
+        assert total == 0, f"{family} on a healthy, idle daemon: {total}"
     agents_up = first.families["ingestd_agent_up"].values["agent"]
     assert {agent: agents_up[agent] for agent in AGENTS} == dict.fromkeys(AGENTS, 1.0)
 
-    # Then traffic: the per-device series appear, with the labels the panels and alerts use.
-    traffic = _traffic(unique_name("dev"))
+    # Then traffic: the per-device series appear, with the labels the panels and alerts use,
+    # and the detectors judge the good readings (off the acknowledgement path, so waited for).
+    good_traffic, bad_traffic = _traffic(unique_name("dev"))
+    traffic, good = good_traffic + bad_traffic, len(good_traffic)
     publish_all(mosquitto.port, traffic)
     scrape: dict[str, Exported] = {}
 
@@ -562,6 +632,7 @@ def test_dashboard_and_alert_metrics_have_series_from_the_first_scrape(
             exported.totals.get("ingestd_messages_received_total", 0) >= len(traffic)
             and exported.totals.get("ingestd_inflight_messages") == 0
             and exported.families["ingestd_device_last_seen_timestamp_seconds"].samples >= 2
+            and exported.totals.get("ingestd_anomaly_readings_judged_total", 0) >= good
         )
 
     with contextlib.suppress(TimeoutError):
@@ -577,3 +648,7 @@ def test_dashboard_and_alert_metrics_have_series_from_the_first_scrape(
     rejected = exported.families["ingestd_messages_rejected"].values["reason"]
     assert sum(rejected.values()) == 2
     assert set(rejected) == set(REASONS)  # no reason outside the known ones
+    # Every good reading judged (none skipped), its series tracked; nothing abnormal yet.
+    assert exported.totals["ingestd_anomaly_readings_judged_total"] == good
+    assert sum(exported.families["ingestd_anomaly_readings_skipped"].values["cause"].values()) == 0
+    assert exported.totals["ingestd_anomaly_series"] == 2  # one sensor on each of two devices

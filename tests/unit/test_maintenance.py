@@ -64,7 +64,8 @@ def task(**fields: object) -> TaskRow:
         (OUT_OF_RANGE, 1.0, None, "high"),
         (FLATLINE, 1.0, None, "medium"),
         (ANOMALY, 0.95, None, "high"),
-        (ANOMALY, 0.6, None, "medium"),
+        (ANOMALY, 0.75, None, "medium"),
+        (ANOMALY, 0.6, None, "low"),
         (ANOMALY, 0.6, "vibration", "high"),  # the type's least priority
     ],
 )
