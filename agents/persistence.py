@@ -6,12 +6,16 @@ a timer while acknowledgements are held (a stock mosquitto lets a client hold on
 unacknowledged messages). Several batches are written at once (``batches_in_flight``):
 with one, every message waits for the previous batch's round trips, and a database 50 ms
 away caps throughput at one batch per round trip. Acks still leave in receive order,
-whatever order the batches commit in (AckTracker).
+whatever order the batches commit in (AckTracker), and so do the announcements of what was
+stored: a batch that commits early holds its events until the batches before it have
+announced theirs, so everything downstream (the anomaly detectors above all, which judge
+each series in order) sees the readings in the order they were received.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import itertools
 import logging
@@ -34,6 +38,12 @@ __all__ = ["Item", "PersistenceAgent", "rejection_row"]
 log = logging.getLogger("ingestd.persistence")
 
 Item = EnrichedMessage | RejectedMessage
+Announcement = ReadingsStored | RejectionsStored
+
+# The events of the batch being written by the current task, held until its turn.
+_held: contextvars.ContextVar[list[Announcement] | None] = contextvars.ContextVar(
+    "held_announcements", default=None
+)
 
 
 class PersistenceAgent(Agent):
@@ -82,6 +92,8 @@ class PersistenceAgent(Agent):
             await self.recover([item for batch in self._in_flight.values() for item in batch])
             self._in_flight.clear()
         slots = asyncio.Semaphore(self.batches_in_flight)
+        turn = asyncio.Event()
+        turn.set()
         try:
             async with asyncio.TaskGroup() as writes:
                 while True:
@@ -89,15 +101,38 @@ class PersistenceAgent(Agent):
                     batch = await self._take_batch()
                     key = next(self._batch_ids)
                     self._in_flight[key] = batch
-                    writes.create_task(self._write(key, batch, slots))
+                    announced = asyncio.Event()
+                    writes.create_task(self._write(key, batch, slots, turn, announced))
+                    turn = announced
         except ExceptionGroup as crash:
             raise crash.exceptions[0] from None  # the write that crashed, with its traceback
 
-    async def _write(self, key: int, batch: list[Item], slots: asyncio.Semaphore) -> None:
+    async def _write(
+        self,
+        key: int,
+        batch: list[Item],
+        slots: asyncio.Semaphore,
+        turn: asyncio.Event,
+        announced: asyncio.Event,
+    ) -> None:
+        held: list[Announcement] = []
+        _held.set(held)  # this task's own context: only this batch's events
         await self.handle(batch)
         del self._in_flight[key]
         slots.release()
         self.last_progress = time.monotonic()
+        await turn.wait()  # the batch before this one has announced
+        for event in held:
+            await self.bus.publish(event)
+        announced.set()
+
+    async def _announce(self, event: Announcement) -> None:
+        """Publish now, or hold until this batch's turn when written by ``run``."""
+        held = _held.get()
+        if held is None:
+            await self.bus.publish(event)
+        else:
+            held.append(event)
 
     async def _take_batch(self) -> list[Item]:
         """Whole messages up to ``batch_size`` readings, whatever waits (natural batching).
@@ -174,7 +209,7 @@ class PersistenceAgent(Agent):
         )
         self.metrics.unstorable.inc()
         self._settle_acks([rejected.message.seq])
-        await self.bus.publish(ReadingsStored([], done=(rejected.message.seq,)))
+        await self._announce(ReadingsStored([], done=(rejected.message.seq,)))
 
     async def _store(self, batch: list[Item]) -> None:
         readings: list[ReadingRow] = []
@@ -245,8 +280,8 @@ class PersistenceAgent(Agent):
         seqs = [item.message.seq for item in batch]
         self._settle_acks(seqs)
         if rejections:
-            await self.bus.publish(RejectionsStored(rejections))
-        await self.bus.publish(ReadingsStored(stored, done=tuple(seqs)))
+            await self._announce(RejectionsStored(rejections))
+        await self._announce(ReadingsStored(stored, done=tuple(seqs)))
 
 
 def rejection_row(rejection: RejectedMessage, max_payload_bytes: int) -> RejectionRow:

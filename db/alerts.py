@@ -100,7 +100,8 @@ _TASKS = f"SELECT {_TASK} FROM maintenance_tasks ORDER BY id DESC LIMIT $1"
 _TASKS_IN = f"SELECT {_TASK} FROM maintenance_tasks WHERE status = $2 ORDER BY id DESC LIMIT $1"
 _TASK_COUNTS = "SELECT status, priority, count(*) FROM maintenance_tasks GROUP BY status, priority"
 _OPEN_ALERTS = (
-    "SELECT device_id, sensor_id, kind, ts FROM anomaly_alerts WHERE closed_at IS NULL ORDER BY id"
+    "SELECT device_id, sensor_id, kind, ts, sensor_type FROM anomaly_alerts"
+    " WHERE closed_at IS NULL ORDER BY id"
 )
 
 
@@ -200,7 +201,7 @@ class AlertStore:
     def open_alerts(self) -> Plan[list[OpenAlert]]:
         """Every alert open now, oldest first."""
         rows = yield _OPEN_ALERTS, ()
-        return [OpenAlert(d, s, k, self._to_time(ts)) for d, s, k, ts in rows]
+        return [OpenAlert(d, s, k, self._to_time(ts), t) for d, s, k, ts, t in rows]
 
     def _task(self, row: Row) -> TaskRow:
         return TaskRow._make(

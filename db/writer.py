@@ -47,6 +47,7 @@ class OpenAlert(NamedTuple):
     sensor_id: str
     kind: str
     ts: datetime
+    sensor_type: str | None = None  # the series' rules are its sensor type's
 
 
 class Writer(Protocol):

@@ -96,7 +96,7 @@ class AnomalyAgent(Agent):
     # ------------------------------------------------------------------ judging
     async def handle(self, batch: list[ReadingsStored]) -> None:
         changes: list[AlertChange] = []
-        judged = 0
+        judged = late = 0
         for event in batch:
             if not event.rows:
                 continue
@@ -110,6 +110,7 @@ class AnomalyAgent(Agent):
                 for finding in series.judge(row.ts, row.value, why, adaptive):
                     changes.append(self._change(row, finding))
                 judged += 1
+                late += series.late
             elapsed = time.perf_counter() - started
             self._budget -= elapsed
             self.counts.detector_seconds.observe(elapsed)
@@ -117,6 +118,8 @@ class AnomalyAgent(Agent):
                 self.counts.skipped.labels("budget").inc(len(event.rows))
         if judged:
             self.counts.judged.inc(judged)
+        if late:
+            self.counts.skipped.labels("late").inc(late)
         if changes:
             for change in changes:
                 counter = self.counts.alerts if change.state == ALERT_OPEN else self.counts.closed
@@ -216,7 +219,11 @@ class AnomalyAgent(Agent):
                 open_alerts = []
             for alert in open_alerts:
                 key = (alert.device_id, alert.sensor_id)
-                series = self.series.get(key) or self._admit(key, Series(self.settings.rules))
+                series = self.series.get(key)
+                if series is None:  # not in the snapshot: a crash before its first save
+                    rules = self.settings.rules_for(alert.sensor_type)
+                    series = self._admit(key, Series(rules))
+                    self._sensor_types[key] = alert.sensor_type
                 series.resume(alert.kind, alert.ts)
         if self.series:
             log.info("anomaly state resumed", extra={"series": len(self.series)})

@@ -43,12 +43,14 @@ class AnomalyMetrics:
         )
         self.skipped = Counter(
             "ingestd_anomaly_readings_skipped_total",
-            "Stored readings not judged, by why: queue (the agent fell behind) or budget "
-            "(the adaptive detector was over anomaly.max_busy_fraction).",
+            "Stored readings not judged, or judged against the limits only, by why: queue "
+            "(the agent fell behind), budget (the adaptive detector was over "
+            "anomaly.max_busy_fraction), late (older than a reading of its series already "
+            "judged).",
             ("cause",),
             registry=registry,
         )
-        for cause in ("queue", "budget"):
+        for cause in ("queue", "budget", "late"):
             self.skipped.labels(cause)
         self.judged = Counter(
             "ingestd_anomaly_readings_judged_total",

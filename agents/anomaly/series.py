@@ -54,11 +54,13 @@ class Series:
         "_first_ts",
         "_last_closed",
         "_moving_when_frozen",
+        "_newest",
         "_same_count",
         "_same_since",
         "_same_value",
         "_settings",
         "episodes",
+        "late",
         "rules",
         "score",
     )
@@ -70,6 +72,8 @@ class Series:
         self.score = 0.0  # the adaptive detector's last reported score (0 unless a record)
         self._detector: AnomalyDetector | None = None  # made on the first adaptive reading
         self._first_ts: datetime | None = None  # of the first adaptive reading
+        self._newest: datetime | None = None  # the latest ts judged in full
+        self.late = False  # the last reading was older than _newest: limits only
         self._same_value: float | None = None
         self._same_since: datetime | None = None
         self._same_count = 0
@@ -86,11 +90,18 @@ class Series:
 
         ``out_of_range``: why the reading is beyond the registry's limits, or None;
         ``adaptive``: run the adaptive detector (False when it is over its time budget).
+        A reading older than one already judged (spooled readings replayed after live ones,
+        a device sending out of order) is checked against the limits only: the other
+        detectors learn a series in time order and cannot place it.
         """
         kinds = self.rules.kinds
         findings: list[Finding] = []
         if OUT_OF_RANGE in kinds:
             self._step(findings, OUT_OF_RANGE, ts, out_of_range is not None, 1.0, out_of_range)
+        self.late = self._newest is not None and ts < self._newest
+        if self.late:
+            return findings
+        self._newest = ts
         if FLATLINE in kinds:
             frozen = self._frozen(ts, value)
             self._step(findings, FLATLINE, ts, frozen is not None, 1.0, frozen)
@@ -166,6 +177,7 @@ class Series:
             "version": _SNAPSHOT_VERSION,
             "detector": None if self._detector is None else self._detector.snapshot(),
             "first_ts": _iso(self._first_ts),
+            "newest": _iso(self._newest),
             "same_value": self._same_value,
             "same_since": _iso(self._same_since),
             "same_count": self._same_count,
@@ -190,6 +202,7 @@ class Series:
             if detector.settings == series._settings:
                 series._detector = detector
                 series._first_ts = _time(state.get("first_ts"))
+        series._newest = _time(state.get("newest"))
         series._same_value = r.optional_number("same_value")
         series._same_since = _time(state.get("same_since"))
         series._same_count = r.count("same_count")

@@ -158,3 +158,21 @@ def test_resume_continues_an_open_alert_without_opening_another() -> None:
     series.resume(OUT_OF_RANGE, T0 - 5 * MINUTE)
     found = feed(series, [1.0] * 20, beyond={0, 1})
     assert [(i, f.opens, f.opened) for i, f in found] == [(11, False, T0 - 5 * MINUTE)]
+
+
+def test_a_late_reading_is_checked_against_the_limits_only() -> None:
+    """Spooled readings replayed after live ones: the limits still catch them, the other
+    detectors (which learn the series in time order) do not see them."""
+    series = Series(SeriesRules(kinds=frozenset({OUT_OF_RANGE, FLATLINE})))
+    feed(series, [float(i % 5) for i in range(60)], start=100)
+    before = series.snapshot()
+    found = series.judge(T0 + 50 * MINUTE, 999.0, "beyond", adaptive=True)
+    assert series.late
+    assert [(f.kind, f.opens) for f in found] == [(OUT_OF_RANGE, True)]
+    after = series.snapshot()
+    assert (after["same_value"], after["same_count"]) == (
+        before["same_value"],
+        before["same_count"],
+    )
+    series.judge(T0 + 160 * MINUTE, 1.0, None, adaptive=True)
+    assert not series.late

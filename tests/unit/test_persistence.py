@@ -388,6 +388,37 @@ async def test_persistence_writes_several_batches_at_once_and_acks_in_receive_or
 
 
 @pytest.mark.timeout(10)
+async def test_batches_committed_out_of_order_are_announced_in_receive_order(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    """Downstream (the anomaly detectors) sees each series in the order it was received."""
+    writer = GatedWriter([])
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    announced = bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    settled = Settled()
+    agent = PersistenceAgent(
+        bus, metrics, inbox, Storage(writer, None, metrics), settled, 50, batches_in_flight=3
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        for seq in range(3):
+            await put_when_taken(agent, writer, enriched(seq, row(second=seq)))
+        writer.gates[2].set()
+        writer.gates[1].set()
+        await until(lambda: sorted(settled.seqs) == [1, 2], settled.changed)
+        await give_the_loop_turns()  # every chance to announce early (it must not)
+        assert announced.empty()
+        writer.gates[0].set()
+        await until(lambda: len(settled.seqs) == 3, settled.changed)
+        await give_the_loop_turns()  # the announcements follow the settle
+        assert [event.done for event in drain(announced)] == [(0,), (1,), (2,)]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.timeout(10)
 async def test_persistence_crash_in_one_write_recovers_every_batch_in_flight(
     bus: Bus, metrics: PipelineMetrics
 ) -> None:

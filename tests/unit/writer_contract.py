@@ -299,7 +299,7 @@ class WriterContract:
         columns = ("device_id", "sensor_id", "kind", "value", "score", "detail", "correlation_id",
                    "unit", "site", "area", "line", "asset", "sensor_type")  # fmt: skip
         assert {k: row[k] for k in columns} == {k: getattr(change, k) for k in columns}
-        assert await db.writer.open_alerts() == [OpenAlert("d1", "s1", "flatline", T0)]
+        assert await db.writer.open_alerts() == [OpenAlert("d1", "s1", "flatline", T0, "pressure")]
 
     async def test_a_second_opening_while_one_is_open_changes_nothing(self, db: Db) -> None:
         await db.alerts(opening(seconds=0))
@@ -370,7 +370,7 @@ class WriterContract:
         assert await db.writer.tasks() == tasks
         assert [(t.alert_count, t.status, t.priority) for t in tasks] == [(3, "open", "high")]
         assert await db.writer.open_alerts() == [
-            OpenAlert("d1", "s1", "flatline", T0 + timedelta(seconds=900))
+            OpenAlert("d1", "s1", "flatline", T0 + timedelta(seconds=900), "pressure")
         ]
 
     async def test_auto_close_closes_the_task_once_none_of_its_alerts_is_open(self, db: Db) -> None:
