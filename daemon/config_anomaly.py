@@ -47,7 +47,7 @@ class AnomalyConfig(Section):
     flatline_readings: int = Field(default=10, ge=2)
     max_series: int = Field(default=2000, ge=1)
     snapshot_seconds: float = Field(default=60.0, gt=0)
-    max_busy_fraction: float = Field(default=0.05, gt=0, le=1)
+    max_busy_fraction: float = Field(default=0.03, gt=0, le=1)
     auto_close_tasks: bool = False
     # Batches of stored readings waiting for the detectors; beyond it they are skipped.
     queue_batches: int = Field(default=64, ge=1)

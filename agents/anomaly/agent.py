@@ -44,9 +44,9 @@ SeriesKey = tuple[str, str]
 # Sparkplug's bad and stale qualities: the value is not a measurement (a stale one repeats
 # by definition), so no detector learns from it.
 _NOT_MEASURED = frozenset({"bad", "stale"})
-# Seconds of detector time the budget may bank while idle: a burst after a quiet spell is
-# judged whole, a sustained flood only up to max_busy_fraction.
-_BUDGET_BURST = 0.5
+# Seconds of detector time the budget may bank while idle: a burst after a quiet spell
+# (~10,000 readings) is judged whole, a sustained flood only up to max_busy_fraction.
+_BUDGET_BURST = 0.1
 # Series without an open alert are evicted first; this many are looked at to find one.
 _EVICTION_SCAN = 32
 
