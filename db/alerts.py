@@ -14,6 +14,7 @@ most one task not closed per subject and kind (partial unique indexes).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
@@ -29,7 +30,7 @@ from db.rows import (
 )
 from db.writer import OpenAlert, RowRejected, StorageError
 
-__all__ = ["AlertStore", "Plan", "Row", "run", "run_async"]
+__all__ = ["AlertStore", "Plan", "Row", "TaskQueries", "run", "run_async"]
 
 T = TypeVar("T")
 Row: TypeAlias = Sequence[Any]
@@ -232,3 +233,32 @@ async def run_async(
     except StopIteration as done:
         result: T = done.value
         return result
+
+
+class TaskQueries(ABC):
+    """The alert and task reads and the hand-made task changes, the same for every writer:
+    each a plan of :class:`AlertStore` run by the writer's own ``_run`` (its connection,
+    timeout and error kinds)."""
+
+    _alerts: AlertStore
+
+    @abstractmethod
+    async def _run(self, plan: Plan[T], what: str) -> T:
+        """Run one plan outside a batch; StorageError (or RowRejected) when it fails."""
+
+    async def open_alerts(self) -> list[OpenAlert]:
+        """Every alert open now, oldest first."""
+        return await self._run(self._alerts.open_alerts(), "cannot read open alerts: ")
+
+    async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
+        """Maintenance tasks, newest first; only those in ``status`` when given."""
+        return await self._run(self._alerts.tasks(status, limit), "cannot read tasks: ")
+
+    async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
+        """Acknowledge or close a task; unchanged when it has that status or a later one."""
+        plan = self._alerts.set_task_status(task_id, status)  # ValueError: an unknown status
+        return await self._run(plan, "cannot change the task: ")
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        """Tasks by ``(status, priority)``."""
+        return await self._run(self._alerts.task_counts(), "cannot count tasks: ")

@@ -22,16 +22,15 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from db.alerts import AlertStore, Plan, Row, run_async
+from db.alerts import AlertStore, Plan, Row, TaskQueries, run_async
 from db.rows import (
     READING_COLUMNS,
     REJECTION_COLUMNS,
     AlertChange,
     ReadingRow,
     RejectionRow,
-    TaskRow,
 )
-from db.writer import ErrorKind, OpenAlert, RowRejected, StorageError, WriteResult
+from db.writer import ErrorKind, RowRejected, StorageError, WriteResult
 
 __all__ = ["PG_ERRORS", "PostgresWriter"]
 
@@ -82,7 +81,7 @@ def _failure(exc: BaseException, what: str = "") -> StorageError:
     return StorageError(f"{what}{type(exc).__name__}: {exc}", kind)
 
 
-class PostgresWriter:
+class PostgresWriter(TaskQueries):
     """Writes batches of readings and rejections to PostgreSQL."""
 
     def __init__(
@@ -161,23 +160,6 @@ class PostgresWriter:
                 stored = await _insert_rejections(conn, rejections, replay)
                 outcomes = await run_async(self._alerts.apply(alerts), _fetcher(conn))
         return WriteResult(new, stored, outcomes)
-
-    async def open_alerts(self) -> list[OpenAlert]:
-        """Every alert open now, oldest first."""
-        return await self._run(self._alerts.open_alerts(), "cannot read open alerts: ")
-
-    async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
-        """Maintenance tasks, newest first; only those in ``status`` when given."""
-        return await self._run(self._alerts.tasks(status, limit), "cannot read tasks: ")
-
-    async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
-        """Acknowledge or close a task; unchanged when it has that status or a later one."""
-        plan = self._alerts.set_task_status(task_id, status)  # ValueError: an unknown status
-        return await self._run(plan, "cannot change the task: ")
-
-    async def task_counts(self) -> dict[tuple[str, str], int]:
-        """Tasks by ``(status, priority)``."""
-        return await self._run(self._alerts.task_counts(), "cannot count tasks: ")
 
     async def _run(self, plan: Plan[T], what: str) -> T:
         """One plan outside a batch, under the same timeout and error kinds as a write."""

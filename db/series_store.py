@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 
+from db.local_files import move_aside, open_checked
 from db.thread import DedicatedThread
 from edge.errors import IngestdError
 
@@ -75,13 +75,10 @@ class SeriesStore:
         return self._conn
 
     def _move_aside(self, exc: Exception) -> None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.path}{suffix}")
-            if source.exists():
-                source.rename(Path(f"{self.path}.corrupt-{stamp}{suffix}"))
+        target = move_aside(self.path)
         log.error(
-            "anomaly state unreadable, moved aside; detectors relearn", extra={"error": str(exc)}
+            "anomaly state unreadable, moved aside; detectors relearn",
+            extra={"file": str(target), "error": str(exc)},
         )
 
     def _load(self, limit: int) -> dict[SeriesKey, bytes]:
@@ -120,19 +117,5 @@ class SeriesStore:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # learned state, not data: a lost save relearns
-        _check(conn)
-        conn.execute(_SCHEMA)
-    except sqlite3.DatabaseError:
-        conn.close()
-        raise
-    return conn
-
-
-def _check(conn: sqlite3.Connection) -> None:
-    verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-    if verdict != "ok":
-        raise sqlite3.DatabaseError(f"quick_check: {verdict}")
+    # NORMAL: learned state, not data; a save lost in a power cut is relearned.
+    return open_checked(path, _SCHEMA, "NORMAL")

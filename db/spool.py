@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from db.local_files import move_aside, open_checked
 from db.rows import AlertChange, ReadingRow, RejectionRow
 from db.thread import DedicatedThread
 from edge.errors import IngestdError
@@ -105,12 +106,7 @@ class Spool:
         self._load_stats()
 
     def _move_aside(self, exc: Exception) -> None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.path}{suffix}")
-            if source.exists():
-                source.rename(Path(f"{target}{suffix}"))
+        target = move_aside(self.path)
         self.corrupt_files += 1
         log.error(
             "spool file unreadable, moved aside", extra={"file": str(target), "error": str(exc)}
@@ -276,22 +272,7 @@ def read_stats(path: Path) -> SpoolStats:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        _check(conn)
-        conn.executescript(_SCHEMA)
-    except sqlite3.DatabaseError:
-        conn.close()
-        raise
-    return conn
-
-
-def _check(conn: sqlite3.Connection) -> None:
-    verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-    if verdict != "ok":
-        raise sqlite3.DatabaseError(f"quick_check: {verdict}")
+    return open_checked(path, _SCHEMA, "FULL")
 
 
 # Rows hold datetimes and bytes: stored as epoch microseconds and base64 in JSON. Alert

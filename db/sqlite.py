@@ -16,17 +16,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from db.alerts import AlertStore, Plan, Row, run
+from db.alerts import AlertStore, Plan, Row, TaskQueries, run
 from db.rows import (
     READING_COLUMNS,
     REJECTION_COLUMNS,
     AlertChange,
     ReadingRow,
     RejectionRow,
-    TaskRow,
 )
 from db.thread import DedicatedThread
-from db.writer import OpenAlert, RowRejected, StorageError, WriteResult
+from db.writer import RowRejected, StorageError, WriteResult
 
 __all__ = ["SqliteWriter", "sqlite_ts"]
 
@@ -99,7 +98,7 @@ def _storage_errors(what: str = "") -> Iterator[None]:
         raise StorageError(f"{what}{type(exc).__name__}: {exc}") from exc
 
 
-class SqliteWriter:
+class SqliteWriter(TaskQueries):
     """Writes batches of readings and rejections to a local SQLite file."""
 
     def __init__(self, path: Path, *, busy_timeout: float = 15.0) -> None:
@@ -173,23 +172,6 @@ class SqliteWriter:
             stored = _insert_rejections(conn, rejection_rows)
             outcomes = run(self._alerts.apply(alerts), _fetcher(conn))
         return WriteResult(new, stored, outcomes)
-
-    async def open_alerts(self) -> list[OpenAlert]:
-        """Every alert open now, oldest first."""
-        return await self._run(self._alerts.open_alerts(), "cannot read open alerts: ")
-
-    async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
-        """Maintenance tasks, newest first; only those in ``status`` when given."""
-        return await self._run(self._alerts.tasks(status, limit), "cannot read tasks: ")
-
-    async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
-        """Acknowledge or close a task; unchanged when it has that status or a later one."""
-        plan = self._alerts.set_task_status(task_id, status)  # ValueError: an unknown status
-        return await self._run(plan, "cannot change the task: ")
-
-    async def task_counts(self) -> dict[tuple[str, str], int]:
-        """Tasks by ``(status, priority)``."""
-        return await self._run(self._alerts.task_counts(), "cannot count tasks: ")
 
     async def _run(self, plan: Plan[T], what: str) -> T:
         """One plan outside a batch: each of its statements commits by itself (autocommit),
