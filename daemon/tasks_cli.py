@@ -107,7 +107,7 @@ def _change(config: Config, command: str, task_id: int) -> int:
     async def apply() -> tuple[TaskRow | None, TaskRow | None]:
         writer = _writer(config)
         try:
-            before = next((t for t in await writer.tasks(None, 1_000_000) if t.id == task_id), None)
+            before = await writer.task(task_id)
             after = await writer.set_task_status(task_id, status)
             return before, after
         finally:

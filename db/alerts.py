@@ -186,6 +186,11 @@ class AlertStore:
         rows = yield _TASK_BY_ID, (task_id,)
         return self._task(rows[0]) if rows else None
 
+    def task(self, task_id: int) -> Plan[TaskRow | None]:
+        """One task by id, or None."""
+        rows = yield _TASK_BY_ID, (task_id,)
+        return self._task(rows[0]) if rows else None
+
     def tasks(self, status: str | None, limit: int) -> Plan[list[TaskRow]]:
         """Tasks newest first, only those in ``status`` when given."""
         if status is None:
@@ -253,6 +258,10 @@ class TaskQueries(ABC):
     async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
         """Maintenance tasks, newest first; only those in ``status`` when given."""
         return await self._run(self._alerts.tasks(status, limit), "cannot read tasks: ")
+
+    async def task(self, task_id: int) -> TaskRow | None:
+        """One maintenance task by id, or None."""
+        return await self._run(self._alerts.task(task_id), "cannot read the task: ")
 
     async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
         """Acknowledge or close a task; unchanged when it has that status or a later one."""

@@ -79,6 +79,9 @@ class Writer(Protocol):
     async def tasks(self, status: str | None = None, limit: int = 100) -> list[TaskRow]:
         """Maintenance tasks, newest first; only those in ``status`` when given."""
 
+    async def task(self, task_id: int) -> TaskRow | None:
+        """One maintenance task by id, or None."""
+
     async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
         """Acknowledge or close a task by hand; the task as it is now (unchanged when it
         already had that status or a later one), or None when there is no such task."""

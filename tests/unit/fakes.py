@@ -183,6 +183,10 @@ class FakeWriter:
         self._check_up()
         return []
 
+    async def task(self, task_id: int) -> TaskRow | None:
+        self._check_up()
+        return None
+
     async def set_task_status(self, task_id: int, status: str) -> TaskRow | None:
         self._check_up()
         return None

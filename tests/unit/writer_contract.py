@@ -292,6 +292,8 @@ class WriterContract:
             T0, None, None, "berlin", "hall", "L1", "press",
         )  # fmt: skip
         assert task.updated_at.tzinfo is not None
+        assert await db.writer.task(task.id) == task
+        assert await db.writer.task(task.id + 1000) is None
         (row,) = await db.query("SELECT * FROM anomaly_alerts")
         assert (row["id"], row["task_id"], db.ts(row["ts"]), row["closed_at"]) == (
             outcome.alert_id, task.id, T0, None,
