@@ -105,11 +105,23 @@ def test_kill_9_during_spool_replay(
     try:
         wait_metric(daemon, "ingestd_readings_stored_total", lambda v: v >= 300, 30)
         own_pg.server.kill()
-        wait_metric(daemon, "ingestd_spool_readings", lambda v: v >= 3000, 30, "spooling")
+        # A backlog large enough that each life is killed before it replayed the rest.
+        wait_metric(daemon, "ingestd_spool_readings", lambda v: v >= 4000, 30, "spooling")
         own_pg.server.start()
         for _ in range(5):
-            # Kill once this life has replayed something, while a backlog still waits.
-            wait_metric(daemon, "ingestd_spool_replayed_total", lambda v: v > 0, 60, "replaying")
+            # Kill once this life has replayed something, while a backlog still waits; a
+            # life that finished the replay before its kill leaves nothing to interrupt.
+            if metric(daemon, "ingestd_spool_readings") == 0:
+                break
+            wait_until(
+                lambda: (
+                    metric(daemon, "ingestd_spool_replayed_total") > 0
+                    or metric(daemon, "ingestd_spool_readings") == 0
+                ),
+                60,
+                interval=0.1,
+                message="replaying: neither replayed nor drained",
+            )
             if metric(daemon, "ingestd_spool_readings") > 0:
                 replay_kills += 1
             daemon.kill()
