@@ -124,6 +124,13 @@ class MaintenanceAgent(Agent):
             if any(outcome.task_change for outcome in result.alerts):
                 await self.refresh_counts()
 
+    def unsaved(self) -> list[AlertChange]:
+        """What it holds or has queued, not yet stored (for a stop that cancelled it)."""
+        events = [*self._in_hand]
+        while not self.inbox.empty():
+            events.append(self.inbox.get_nowait())
+        return [plan_task(c, self.settings) for event in events for c in event.changes]
+
     async def _make_durable(self, changes: list[AlertChange]) -> WriteResult | None:
         async for attempt in backoff(
             NotDurableError, first=0.2, cap=self._retry_max_seconds, before_sleep=self._waiting

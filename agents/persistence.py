@@ -76,6 +76,7 @@ class PersistenceAgent(Agent):
         self._carry: Item | None = None  # taken from the inbox, first of the next batch
         self.batches_in_flight = batches_in_flight
         self._in_flight: dict[int, list[Item]] = {}  # being written, recovered after a crash
+        self._unannounced: dict[int, list[Announcement]] = {}  # committed, waiting their turn
         self._batch_ids = itertools.count()
         self.max_payload_bytes = max_payload_bytes
         self._retry_max_seconds = retry_max_seconds
@@ -88,6 +89,11 @@ class PersistenceAgent(Agent):
         A crash in any write ends them all (the task group cancels the others) and the
         supervisor restarts the agent, which first stores again whatever was in flight.
         """
+        # Batches committed before a crash whose turn to announce had not come: announce
+        # them first (their messages are acknowledged; the budget waits for their events).
+        for key in sorted(self._unannounced):
+            for event in self._unannounced.pop(key):
+                await self.bus.publish(event)
         if self._in_flight:
             await self.recover([item for batch in self._in_flight.values() for item in batch])
             self._in_flight.clear()
@@ -118,12 +124,15 @@ class PersistenceAgent(Agent):
         held: list[Announcement] = []
         _held.set(held)  # this task's own context: only this batch's events
         await self.handle(batch)
+        self._unannounced[key] = held  # committed: a crash from here on must not lose these
         del self._in_flight[key]
         slots.release()
         self.last_progress = time.monotonic()
         await turn.wait()  # the batch before this one has announced
-        for event in held:
-            await self.bus.publish(event)
+        while held:  # one by one: a crash mid-way leaves only the rest to announce
+            await self.bus.publish(held[0])
+            del held[0]
+        del self._unannounced[key]
         announced.set()
 
     async def _announce(self, event: Announcement) -> None:

@@ -7,6 +7,7 @@ URL, a decoder per source by its format. Nothing downstream asks which one it go
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from agents.outbound import Outbound
 from agents.persistence import PersistenceAgent
 from agents.publisher import EventSettings, Publisher
 from agents.registry import DeviceRegistry, load_registry_file
-from agents.storage import Storage
+from agents.storage import NotDurableError, Storage
 from agents.validation import ValidationAgent
 from daemon import __version__
 from daemon.config import Config
@@ -52,6 +53,7 @@ from daemon.metrics import (
 from db.backends import WriterOptions, backend_for
 from db.series_store import SeriesStore
 from db.spool import Spool
+from db.writer import StorageError
 
 __all__ = [
     "Daemon",
@@ -67,6 +69,10 @@ __all__ = [
 _READ_SLACK = 1024
 # Batches of events waiting for the Publisher (each up to database.batch_size readings).
 _EVENT_BATCHES = 64
+# At a stop, how long alert changes still in hand may take to be stored (or spooled).
+_STOP_STORE_SECONDS = 2.0
+
+log = logging.getLogger("ingestd")
 
 
 @dataclass(slots=True)
@@ -109,8 +115,23 @@ class Daemon:
                     await agent.idle.wait()
 
     async def close_anomaly(self) -> None:
-        """Save what the detectors learned (after their task stopped)."""
-        if self.anomaly is not None and self.anomaly.store is not None:
+        """At a stop, once the agents' tasks ended: store the alert changes decided but not
+        stored yet (a stop must not lose an opening the saved state already holds), then
+        save what the detectors learned."""
+        if self.anomaly is None:
+            return
+        changes = [*(self.maintenance.unsaved() if self.maintenance else []), *self.anomaly.pending]
+        self.anomaly.pending = []
+        if changes:
+            try:
+                async with asyncio.timeout(_STOP_STORE_SECONDS):
+                    await self.storage.store([], [], changes, in_order=True)
+            except (TimeoutError, NotDurableError, StorageError) as exc:
+                log.warning(
+                    "alert changes not stored at the stop",
+                    extra={"changes": len(changes), "error": str(exc)},
+                )
+        if self.anomaly.store is not None:
             await self.anomaly.save()
             await self.anomaly.store.close()
 

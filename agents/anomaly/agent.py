@@ -14,10 +14,12 @@ was learned nor opens a second alert for an episode.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -82,6 +84,7 @@ class AnomalyAgent(Agent):
         self._refilled = time.monotonic()
         self._saved = time.monotonic()
         self._resumed = False
+        self.pending: list[AlertChange] = []  # decided, not yet handed to the MaintenanceAgent
 
     def overflow(self, event: ReadingsStored) -> None:
         """The inbox is full: this batch is not judged (the pipeline never waits for us)."""
@@ -95,7 +98,10 @@ class AnomalyAgent(Agent):
 
     # ------------------------------------------------------------------ judging
     async def handle(self, batch: list[ReadingsStored]) -> None:
-        changes: list[AlertChange] = []
+        # Changes go on self as they are made: a crash mid-batch (or a cancel at a stop)
+        # leaves them for recover() or the stop to store, instead of losing an opening the
+        # series state already holds.
+        changes = self.pending
         judged = late = 0
         for event in batch:
             if not event.rows:
@@ -107,7 +113,7 @@ class AnomalyAgent(Agent):
                     continue
                 series = self._series_of(row)
                 why = self._out_of_range(row) if row.quality == OUT_OF_RANGE else None
-                for finding in series.judge(row.ts, row.value, why, adaptive):
+                for finding in series.judge(row.ts, row.value, why, adaptive, row.received_at):
                     changes.append(self._change(row, finding))
                 judged += 1
                 late += series.late
@@ -120,13 +126,24 @@ class AnomalyAgent(Agent):
             self.counts.judged.inc(judged)
         if late:
             self.counts.skipped.labels("late").inc(late)
-        if changes:
-            for change in changes:
-                counter = self.counts.alerts if change.state == ALERT_OPEN else self.counts.closed
-                counter.labels(change.kind).inc()
-            await self.bus.publish(AlertsRaised(changes))
+        await self._publish_pending()
         if time.monotonic() - self._saved >= self.settings.snapshot_seconds:
             await self.save()
+
+    async def recover(self, held: list[ReadingsStored]) -> None:
+        """After a crash: publish what was decided; the batch is not judged again (its
+        series already learned part of it, and learning twice would skew them)."""
+        self.counts.skipped.labels("queue").inc(sum(len(event.rows) for event in held))
+        await self._publish_pending()
+
+    async def _publish_pending(self) -> None:
+        changes, self.pending = self.pending, []
+        if not changes:
+            return
+        for change in changes:
+            counter = self.counts.alerts if change.state == ALERT_OPEN else self.counts.closed
+            counter.labels(change.kind).inc()
+        await self.bus.publish(AlertsRaised(changes))
 
     def _within_budget(self) -> bool:
         now = time.monotonic()
@@ -143,6 +160,9 @@ class AnomalyAgent(Agent):
             self._sensor_types[key] = row.sensor_type
         else:
             self.series.move_to_end(key)
+            if row.sensor_type != self._sensor_types.get(key):  # the registry changed
+                series.retune(self.settings.rules_for(row.sensor_type))
+                self._sensor_types[key] = row.sensor_type
         self._changed.add(key)
         return series
 
@@ -155,15 +175,14 @@ class AnomalyAgent(Agent):
         return series
 
     def _evict(self) -> None:
-        """Drop the least recently seen series, preferring one without an open alert."""
-        victim = next(iter(self.series))
-        for i, (key, series) in enumerate(self.series.items()):
-            if i >= _EVICTION_SCAN:
-                break
-            if not series.episodes:
-                victim = key
-                break
-        del self.series[victim]
+        """Drop the least recently seen series, preferring one without an open alert (never
+        the one just admitted); the alerts of an evicted series are closed, as nothing
+        would close them any more."""
+        keys = list(itertools.islice(self.series, min(_EVICTION_SCAN, len(self.series) - 1)))
+        victim = next((k for k in keys if not self.series[k].episodes), keys[0])
+        evicted = self.series.pop(victim)
+        for kind, episode in evicted.episodes.items():
+            self.pending.append(_eviction_closing(victim, kind, episode.opened, evicted.newest))
         self._sensor_types.pop(victim, None)
         self._changed.discard(victim)
         self._forgotten.add(victim)
@@ -262,3 +281,19 @@ class AnomalyAgent(Agent):
             return
         self._changed.difference_update(changed)
         self._forgotten.difference_update(forgotten)
+
+
+def _eviction_closing(
+    key: SeriesKey, kind: str, opened: datetime, newest: datetime | None
+) -> AlertChange:
+    return AlertChange(
+        state=ALERT_CLOSED,
+        device_id=key[0],
+        sensor_id=key[1],
+        kind=kind,
+        ts=newest or opened,
+        value=None,
+        score=0.0,
+        detail="no longer watched: more series than anomaly.max_series",
+        correlation_id=None,
+    )

@@ -25,6 +25,9 @@ __all__ = ["Finding", "Series"]
 _MOVING = 0.5
 _CHANGE_ALPHA = 0.05
 _SNAPSHOT_VERSION = 1
+# A reading this far ahead of its receipt and of its series is a clock jump, not a reading
+# from the future: it does not move the series' clock.
+_MAX_AHEAD = timedelta(days=1)
 
 
 class Finding(NamedTuple):
@@ -84,7 +87,12 @@ class Series:
 
     # ------------------------------------------------------------------ judging
     def judge(
-        self, ts: datetime, value: float, out_of_range: str | None, adaptive: bool
+        self,
+        ts: datetime,
+        value: float,
+        out_of_range: str | None,
+        adaptive: bool,
+        received_at: datetime | None = None,
     ) -> list[Finding]:
         """Learn one reading and say which alerts open or close on it.
 
@@ -92,13 +100,25 @@ class Series:
         ``adaptive``: run the adaptive detector (False when it is over its time budget).
         A reading older than one already judged (spooled readings replayed after live ones,
         a device sending out of order) is checked against the limits only: the other
-        detectors learn a series in time order and cannot place it.
+        detectors learn a series in time order and cannot place it. So is a reading more
+        than a day ahead of both its receipt and the series (a device clock that jumped):
+        it does not move the series' clock, or one bad timestamp would silence the rest.
         """
         kinds = self.rules.kinds
         findings: list[Finding] = []
+        self._close_disabled(findings, ts)
+        newest = self._newest
+        ahead = (
+            received_at is not None
+            and newest is not None
+            and ts - received_at > _MAX_AHEAD
+            and ts - newest > _MAX_AHEAD
+        )
+        clock = newest if ahead and newest is not None else ts
         if OUT_OF_RANGE in kinds:
-            self._step(findings, OUT_OF_RANGE, ts, out_of_range is not None, 1.0, out_of_range)
-        self.late = self._newest is not None and ts < self._newest
+            why = out_of_range
+            self._step(findings, OUT_OF_RANGE, ts, why is not None, 1.0, why, clock)
+        self.late = ahead or (newest is not None and ts < newest)
         if self.late:
             return findings
         self._newest = ts
@@ -126,29 +146,58 @@ class Series:
         abnormal: bool,
         score: float,
         detail: str | None,
+        clock: datetime | None = None,
     ) -> None:
+        """``clock``: the time the episode goes by (``ts`` unless that is far ahead)."""
+        now = ts if clock is None else clock
         episode = self.episodes.get(kind)
         if abnormal:
             if episode is not None:
-                episode.last_abnormal = max(episode.last_abnormal, ts)
+                episode.last_abnormal = max(episode.last_abnormal, now)
                 return
             closed = self._last_closed.get(kind)
-            if closed is not None and ts - closed < timedelta(seconds=self.rules.cooldown_seconds):
+            if closed is not None and now - closed < timedelta(seconds=self.rules.cooldown_seconds):
                 return
-            self.episodes[kind] = _Episode(ts, ts)
+            self.episodes[kind] = _Episode(ts, now)
             findings.append(Finding(True, kind, score, detail or kind, ts))
-        elif episode is not None and ts - episode.last_abnormal >= timedelta(
+        elif episode is not None and now - episode.last_abnormal >= timedelta(
             seconds=self.rules.clear_seconds
         ):
             del self.episodes[kind]
-            self._last_closed[kind] = ts
+            self._last_closed[kind] = now
             detail = f"normal since {episode.last_abnormal.isoformat()}"
             findings.append(Finding(False, kind, score, detail, episode.opened))
+
+    def _close_disabled(self, findings: list[Finding], ts: datetime) -> None:
+        """Episodes of a kind these rules no longer run (its sensor type changed, or an
+        alert resumed from the database) close now: nothing would ever close them."""
+        for kind in [k for k in self.episodes if k not in self.rules.kinds]:
+            episode = self.episodes.pop(kind)
+            self._last_closed[kind] = ts
+            detail = f"{kind} no longer checked on this series"
+            findings.append(Finding(False, kind, 0.0, detail, episode.opened))
+
+    def retune(self, rules: SeriesRules) -> None:
+        """New rules (the series' sensor type changed): a detector learned under other
+        settings starts over; open episodes of kinds now off close on the next reading."""
+        settings = rules.detector_settings()
+        if settings != self._settings:
+            self._settings = settings
+            self._detector = None
+            self._first_ts = None
+        self.rules = rules
+
+    @property
+    def newest(self) -> datetime | None:
+        """The latest reading time judged in full."""
+        return self._newest
 
     def _frozen(self, ts: datetime, value: float) -> str | None:
         """Why the series counts as frozen at this reading, or None."""
         if value != self._same_value:
             changed = self._same_value is not None
+            if self._same_count > 1:  # the repeats since the last change count as no change
+                self._change_rate *= (1.0 - _CHANGE_ALPHA) ** (self._same_count - 1)
             self._change_rate += _CHANGE_ALPHA * (changed - self._change_rate)
             self._same_value, self._same_since, self._same_count = value, ts, 1
             self._moving_when_frozen = self._change_rate >= _MOVING

@@ -186,3 +186,31 @@ async def test_an_unreadable_snapshot_row_is_skipped_and_counted(
     assert agent.series == {}
     assert value(metrics, "ingestd_anomaly_snapshot_errors_total") == 2
     await store.close()
+
+
+async def test_an_evicted_series_closes_its_open_alerts(bus: Bus, metrics: PipelineMetrics) -> None:
+    agent, out, _ = make(bus, metrics, AnomalySettings(rules=LIMITS.rules, max_series=1))
+    await agent.handle([ReadingsStored([at(0, 130.0)])])
+    await agent.handle([ReadingsStored([at(1, sensor="other")])])
+    assert list(agent.series) == [("d1", "other")]
+    changes = [change for raised in drain(out) for change in raised.changes]
+    assert [(c.sensor_id, c.state) for c in changes] == [
+        ("temp", ALERT_OPEN),
+        ("temp", ALERT_CLOSED),
+    ]
+    assert changes[1].ts == at(0).ts
+    assert "max_series" in changes[1].detail
+
+
+async def test_after_a_crash_decided_changes_are_published_not_judged_again(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    agent, out, _ = make(bus, metrics)
+    held = [ReadingsStored([at(0, 130.0)])]
+    spike = held[0].rows[0]  # judged, then the agent crashed before publishing
+    found = agent._series_of(spike).judge(spike.ts, 130.0, "beyond", adaptive=True)
+    agent.pending += [agent._change(spike, finding) for finding in found]
+    await agent.recover(held)
+    [raised] = drain(out)
+    assert [c.state for c in raised.changes] == [ALERT_OPEN]
+    assert value(metrics, "ingestd_anomaly_readings_skipped_total", cause="queue") == 1

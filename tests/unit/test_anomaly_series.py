@@ -176,3 +176,38 @@ def test_a_late_reading_is_checked_against_the_limits_only() -> None:
     )
     series.judge(T0 + 160 * MINUTE, 1.0, None, adaptive=True)
     assert not series.late
+
+
+def test_a_setpoint_changed_every_two_hours_never_flatlines() -> None:
+    series = Series(FROZEN)
+    values = [float(i // 120 % 2) * 10 + 20 for i in range(3 * 1440)]  # 3 days, 1/min
+    assert feed(series, values) == []
+
+
+def test_one_timestamp_a_clock_jump_ahead_does_not_silence_the_series() -> None:
+    """A reading dated 2099 (received now) is checked against the limits only; the frozen
+    value that follows is still caught, and the limit alert it opened still closes."""
+    series = Series(SeriesRules(kinds=frozenset({OUT_OF_RANGE, FLATLINE})))
+    feed(series, [float(i % 7) for i in range(60)])
+    received = T0 + 60 * MINUTE
+    glitch = T0.replace(year=2099)
+    [opened] = series.judge(glitch, 500.0, "beyond", adaptive=True, received_at=received)
+    assert (opened.opens, opened.opened) == (True, glitch)
+    assert series.late
+    found = []
+    for minute in range(61, 110):
+        at = T0 + minute * MINUTE
+        found += series.judge(at, 100.0, None, adaptive=True, received_at=at)
+    assert [(f.kind, f.opens) for f in found] == [
+        (OUT_OF_RANGE, False),  # normal for 600 s after the jump, by the series' own clock
+        (FLATLINE, True),
+    ]
+    assert found[0].opened == glitch
+
+
+def test_new_rules_close_the_episodes_of_kinds_now_off() -> None:
+    series = Series(SeriesRules())
+    series.resume(FLATLINE, T0)
+    series.retune(SeriesRules(kinds=frozenset({OUT_OF_RANGE})))
+    [closed] = series.judge(T0 + MINUTE, 1.0, None, adaptive=True)
+    assert (closed.kind, closed.opens, closed.opened) == (FLATLINE, False, T0)

@@ -419,6 +419,44 @@ async def test_batches_committed_out_of_order_are_announced_in_receive_order(
 
 
 @pytest.mark.timeout(10)
+async def test_a_crash_before_its_turn_still_announces_a_committed_batch(
+    bus: Bus, metrics: PipelineMetrics
+) -> None:
+    """A later batch committed and waits for its turn when the earlier one crashes: its
+    events (and with them the release of its in-flight budget) come out after the restart."""
+    writer = GatedWriter([])
+    inbox = bus.inbox("persistence", 100, EnrichedMessage, RejectedMessage)
+    announced = bus.inbox("publisher", 100, ReadingsStored, RejectionsStored)
+    settled = Settled()
+    agent = PersistenceAgent(
+        bus, metrics, inbox, Storage(writer, None, metrics), settled, 50, batches_in_flight=2
+    )
+    task = asyncio.create_task(agent.run())
+    await put_when_taken(agent, writer, enriched(0, row(second=0)))
+    await put_when_taken(agent, writer, enriched(1, row(second=1)))
+    writer.gates[1].set()
+    await until(lambda: settled.seqs == [1], settled.changed)
+    writer.script = [RuntimeError("boom")]
+    writer.gates[0].set()
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.wait_for(task, 5)
+    assert announced.empty()
+
+    writer.open = True
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: 0 in settled.seqs, settled.changed)  # the crashed batch, recovered
+        await give_the_loop_turns()
+        done = sorted(seq for event in drain(announced) for seq in event.done)
+        assert done == [0, 1]
+        assert not agent.has_work()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.timeout(10)
 async def test_persistence_crash_in_one_write_recovers_every_batch_in_flight(
     bus: Bus, metrics: PipelineMetrics
 ) -> None:
